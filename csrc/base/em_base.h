@@ -1,0 +1,51 @@
+/* em_base.h: internal foundations shared by every layer: pooled buffers,
+ * clocks, little-endian helpers, logging. Includes nothing but the public
+ * header and libc. */
+#ifndef EM_BASE_H
+#define EM_BASE_H
+
+#include "edgeml.h"
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <string.h>
+
+#define EM__ALIGN_UP(x, a) (((x) + ((a)-1)) & ~((uint64_t)(a)-1))
+#define EM__MIN(a, b) ((a) < (b) ? (a) : (b))
+#define EM__MAX(a, b) ((a) > (b) ? (a) : (b))
+#define EM__DEFAULT_MAX_MESSAGE ((uint64_t)1 << 30)
+
+static inline void em__put_u16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)v; p[1] = (uint8_t)(v >> 8); }
+static inline void em__put_u32(uint8_t *p, uint32_t v) { for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (8 * i)); }
+static inline void em__put_u64(uint8_t *p, uint64_t v) { for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i)); }
+static inline uint16_t em__get_u16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
+static inline uint32_t em__get_u32(const uint8_t *p) { uint32_t v = 0; for (int i = 3; i >= 0; i--) v = (v << 8) | p[i]; return v; }
+static inline uint64_t em__get_u64(const uint8_t *p) { uint64_t v = 0; for (int i = 7; i >= 0; i--) v = (v << 8) | p[i]; return v; }
+
+/* ---- pooled buffers (pool.c)
+ * Memory for received frames. Fresh pages cost ~10 us per 4 KiB here, so
+ * freed buffers go back to per-size-class free lists and are reused. A
+ * buffer holds a reference to its pool; the pool lives until the last
+ * buffer and the last owner have released it. Thread-safe. */
+typedef struct em_pool em_pool;
+
+struct em_buf {
+  atomic_int refs;
+  int klass;          /* size class index, -1 = unpooled */
+  size_t cap_bytes;
+  em_pool *pool;      /* owned reference */
+  uint8_t *data;      /* 64-byte aligned, cap_bytes long */
+  em_buf *next_free;  /* guarded by pool->mu while on a free list */
+};
+
+em_pool *em__pool_new(size_t max_cached_bytes);
+void em__pool_retain(em_pool *p);
+void em__pool_release(em_pool *p);
+/* A buffer of at least `size` bytes, refs = 1; NULL when out of memory. */
+em_buf *em__buf_alloc(em_pool *p, size_t size);
+
+/* ---- logging */
+void em__log_stderr(void *ud, int level, const char *msg);
+
+#endif

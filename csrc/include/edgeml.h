@@ -1,0 +1,315 @@
+/* edgeml.h: the one public header of libedgeml, the C core of edgeml.
+ *
+ * libedgeml moves messages between edge devices and GPU machines: a server
+ * (libuv, one loop thread that also runs the handlers) answers requests from
+ * clients (plain blocking sockets, the calling thread does its own I/O).
+ * Message bodies are msgpack (msgpack-c); numpy-style arrays travel out of
+ * band as raw, 64-byte aligned blobs after the body (see docs/protocol.md).
+ *
+ * Conventions (the same for every declaration below):
+ *  - Functions return 0 (EM_OK) or a negative code from EM_ERRORS.
+ *  - Time is uint64_t nanoseconds; a timeout of EM_FOREVER never expires.
+ *  - "Owns" means "must free": each declaration says who owns each pointer
+ *    before and after the call, on success and on failure.
+ *  - Thread safety is stated per function. Nothing here keeps a pointer to
+ *    caller memory past the call unless it says so.
+ */
+#ifndef EDGEML_H
+#define EDGEML_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <msgpack.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define EM_VERSION_STRING "0.1.0"
+#define EM_PROTOCOL_VERSION 1
+#define EM_FOREVER UINT64_MAX
+
+/* ---------------------------------------------------------------- errors */
+
+/* The one table of error codes. The Python extension builds its exception
+ * map from it (edgeml/errors.py), so add codes here only. */
+#define EM_ERRORS(X)                                                        \
+  X(OK, 0, "success")                                                       \
+  X(EINVAL, -1, "invalid argument")                                         \
+  X(ENOMEM, -2, "out of memory")                                            \
+  X(ETIMEDOUT, -3, "timed out")                                             \
+  X(ECONNREFUSED, -4, "connection refused")                                 \
+  X(ECONNCLOSED, -5, "connection closed")                                   \
+  X(EPROTO, -6, "protocol error")                                           \
+  X(ETOOBIG, -7, "message exceeds the size limit")                          \
+  X(EADDRINUSE, -8, "address already in use")                               \
+  X(ECLOSED, -9, "closed")                                                  \
+  X(ERESOLVE, -10, "cannot resolve host")                                   \
+  X(EIO, -11, "I/O error")                                                  \
+  X(EVERSION, -12, "protocol version mismatch")                             \
+  X(EHANDSHAKE, -13, "handshake rejected")                                  \
+  X(EREMOTE, -14, "the remote handler failed")                              \
+  X(EENCODE, -15, "payload cannot be encoded")                              \
+  X(EDECODE, -16, "payload cannot be decoded")                              \
+  X(EINTR, -17, "interrupted")
+
+typedef enum em_err {
+#define EM__ERR_ENUM(name, code, msg) EM_##name = code,
+  EM_ERRORS(EM__ERR_ENUM)
+#undef EM__ERR_ENUM
+} em_err;
+
+/* Text of a code: "timed out"; its name: "ETIMEDOUT". Never NULL. Any thread. */
+const char *em_strerror(int code);
+const char *em_errname(int code);
+
+/* Current wall clock (CLOCK_REALTIME) and monotonic clock, in ns. */
+uint64_t em_now_ns(void);
+uint64_t em_mono_ns(void);
+
+/* -------------------------------------------------------------- messages */
+
+/* Message types (one byte in the frame header). */
+enum em_msg_type {
+  EM_MSG_HELLO = 1,   /* handshake, both directions */
+  EM_MSG_OK = 2,      /* acknowledgement without a payload */
+  EM_MSG_ERROR = 3,   /* reply: the request failed; body is an error map */
+  EM_MSG_DATA = 4,    /* reserved for trainer data */
+  EM_MSG_MODEL = 5,   /* reserved for model upload (edgeml bench) */
+  EM_MSG_PROCESS = 6, /* reserved: process one input (edgeml bench) */
+  EM_MSG_OUTPUT = 7,  /* reserved: output of PROCESS */
+  EM_MSG_STATS = 8,   /* reserved: target statistics */
+  EM_MSG_PING = 9,
+  EM_MSG_PONG = 10,
+  EM_MSG_PUBLISH = 11, /* reserved: broadcast of a latest value */
+  EM_MSG_REQUEST = 12, /* body: [method (str), payload] */
+  EM_MSG_REPLY = 13    /* body: payload */
+};
+
+/* msgpack ext types used in bodies. */
+enum em_ext_type {
+  EM_EXT_ARRAY = 1,     /* out-of-band array; see em_array */
+  EM_EXT_TUPLE_TAG = 2, /* first element of a msgpack array that is a tuple */
+  EM_EXT_SET_TAG = 3    /* first element of a msgpack array that is a set */
+};
+
+#define EM_FRAME_HEADER_BYTES 64
+#define EM_BLOB_ALIGN 64
+#define EM_ARRAY_MAX_NDIM 32
+#define EM_DTYPE_MAX 15
+
+typedef struct em_blob {
+  const void *data; /* borrowed; see the owner of the containing struct */
+  size_t len_bytes;
+} em_blob;
+
+typedef struct em_buf em_buf; /* pooled, ref-counted, 64-byte aligned memory */
+
+/* A received message. Owns one em_buf that holds the whole frame; body and
+ * blobs point into it. Free with em_msg_free (any thread). */
+typedef struct em_msg {
+  uint8_t type;
+  uint16_t flags;
+  uint64_t req_id;
+  uint64_t ts_ns[4]; /* sender timestamps, see docs/protocol.md */
+  const uint8_t *body;
+  size_t body_len;
+  uint32_t nblobs;
+  em_blob *blobs;      /* nblobs entries, owned by the message */
+  em_buf *buf;         /* owned reference to the frame memory */
+  size_t frame_bytes;  /* whole frame, header included */
+} em_msg;
+
+void em_msg_free(em_msg *m);
+
+/* Retain/release the frame memory of a message separately from the message,
+ * e.g. to keep arrays that view it alive. Any thread. */
+em_buf *em_buf_retain(em_buf *b);
+void em_buf_release(em_buf *b);
+uint8_t *em_buf_data(em_buf *b);
+size_t em_buf_size(em_buf *b);
+
+/* An array decoded from an EM_EXT_ARRAY ext: a view into a message blob. */
+typedef struct em_array {
+  char dtype[EM_DTYPE_MAX + 1]; /* numpy dtype.str, e.g. "<f4", "|u1" */
+  uint32_t ndim;
+  uint64_t shape[EM_ARRAY_MAX_NDIM];
+  uint32_t itemsize;
+  int is_scalar;      /* sent as a numpy scalar, not an ndarray */
+  uint32_t blob;      /* index into the message's blobs */
+  const void *data;   /* points into the message; lives as long as its buf */
+  size_t len_bytes;
+} em_array;
+
+/* Unpack a message body into a msgpack object tree allocated in `zone`.
+ * The body is first checked (depth <= 64, every declared length fits in the
+ * bytes that remain, every array ext names a blob whose size matches its
+ * dtype and shape), so a lying body is EM_EDECODE, never a huge allocation.
+ * `zone` is the caller's (msgpack_zone_init/destroy). Any thread. */
+int em_msg_unpack(const em_msg *m, msgpack_zone *zone, msgpack_object *out);
+
+/* If `o` is an EM_EXT_ARRAY ext, fill `a` from it and the blobs of `m`.
+ * Returns EM_OK, or EM_EINVAL if `o` is not an array ext, EM_EDECODE if it
+ * is malformed. */
+int em_obj_array(const em_msg *m, const msgpack_object *o, em_array *a);
+
+/* The value of key `key` in map `o`, or NULL. */
+const msgpack_object *em_obj_get(const msgpack_object *o, const char *key);
+
+/* ------------------------------------------------------ outgoing payloads */
+
+/* A message body being built: msgpack written with msgpack-c's packer
+ * (`pk`) into a buffer that also reserves room for the frame header, plus a
+ * list of out-of-band blobs. The blobs are borrowed: their memory must stay
+ * valid until the message is sent (for a client call: until the call
+ * returns; for a server reply: until `release` is called).
+ * Not thread-safe; one thread builds a payload. */
+typedef struct em_payload {
+  msgpack_sbuffer sbuf; /* header space + body + blob table */
+  msgpack_packer pk;
+  em_blob *blobs;
+  uint32_t nblobs, blobs_cap;
+  /* Called once, on the thread that finishes sending, when the blobs are
+   * no longer needed (after the write completed or failed). May be NULL. */
+  void (*release)(void *ctx);
+  void *release_ctx;
+} em_payload;
+
+int em_payload_init(em_payload *p);
+void em_payload_destroy(em_payload *p); /* calls release if still pending */
+void em_payload_reset(em_payload *p);   /* empty it for reuse; calls release */
+
+/* Pack an array as an EM_EXT_ARRAY ext; `data` (C order, `len_bytes`) is
+ * added as a blob, borrowed, not copied. `dtype` is a numpy dtype.str whose
+ * item size times the product of `shape` must equal `len_bytes`. */
+int em_payload_pack_array(em_payload *p, const char *dtype, uint32_t ndim,
+                          const uint64_t *shape, const void *data,
+                          size_t len_bytes, int is_scalar);
+
+/* Start the body of a REQUEST: a 2-element array whose first element is
+ * `method`; the caller then packs exactly one value (the payload). */
+int em_payload_begin_request(em_payload *p, const char *method, size_t method_len);
+
+/* ---------------------------------------------------------------- client */
+
+typedef struct em_client em_client;
+
+typedef struct em_client_opts {
+  uint64_t connect_timeout_ns;   /* total time to keep retrying a refused
+                                    connect at open; 0 = one attempt */
+  uint64_t max_message_bytes;    /* largest frame accepted; 0 = default 1 GiB */
+  const char *service;           /* server service to expect ("inference"),
+                                    NULL = any */
+  /* Called on the calling thread when a wait is interrupted by a signal;
+   * non-zero makes the call fail with EM_EINTR. May be NULL. */
+  int (*check_interrupt)(void *ud);
+  void *interrupt_ud;
+} em_client_opts;
+
+/* Connect to host:port and do the handshake. On success *out is owned by the
+ * caller (em_client_close). On failure *out is NULL. Blocks. Any thread.
+ * Errors: ERESOLVE, ECONNREFUSED, ETIMEDOUT, EHANDSHAKE, EVERSION, EIO. */
+int em_client_open(em_client **out, const char *host, uint16_t port,
+                   const em_client_opts *opts);
+
+/* Send one frame of `type` with body `p` and wait for its reply.
+ * Thread-safe: calls from several threads are multiplexed on the connection
+ * by request id; the calling thread does its own I/O (no handoff when it is
+ * the only call in flight). Blocks up to timeout_ns.
+ * On EM_OK *reply is a REPLY/OK/PONG message owned by the caller; on
+ * EM_EREMOTE it is the ERROR message (its body is a map with "type",
+ * "message", "traceback"); on any other code *reply is NULL.
+ * `p` stays the caller's; its blobs are no longer read when this returns.
+ * A broken connection is re-dialled once at the next call.
+ * Errors: ETIMEDOUT, ECONNCLOSED, ECONNREFUSED, EPROTO, ETOOBIG, ECLOSED. */
+int em_client_request(em_client *c, uint8_t type, em_payload *p,
+                      uint64_t timeout_ns, em_msg **reply);
+
+/* The handshake body the server sent (msgpack), valid until close. */
+const uint8_t *em_client_server_hello(em_client *c, size_t *len);
+
+/* Close the connection; calls in flight fail with ECLOSED. Safe once; the
+ * client must not be used after it returns. Any thread except one inside a
+ * call on this client. */
+void em_client_close(em_client *c);
+
+/* Make in-flight and future calls fail with ECLOSED without freeing. */
+void em_client_shutdown(em_client *c);
+
+/* ---------------------------------------------------------------- server */
+
+typedef struct em_server em_server;
+
+/* A request handler. Runs on the server's loop thread, one request at a
+ * time. `req` is borrowed for the call (retain req->buf to keep its memory).
+ * Fill `reply` (already initialised, empty) and return EM_MSG_REPLY, or
+ * EM_MSG_ERROR with an error map as body. Any other return value closes the
+ * connection (use it for a request the handler cannot accept). */
+typedef int (*em_handler_fn)(void *ud, const em_msg *req, em_payload *reply);
+
+/* Called on the loop thread every tick_ns while the server runs (e.g. to
+ * check for signals); a non-zero return stops the server. */
+typedef int (*em_tick_fn)(void *ud);
+
+typedef void (*em_log_fn)(void *ud, int level, const char *msg);
+enum { EM_LOG_DEBUG = 10, EM_LOG_INFO = 20, EM_LOG_WARNING = 30, EM_LOG_ERROR = 40 };
+
+typedef struct em_server_opts {
+  const char *host;            /* bind address, e.g. "0.0.0.0", "::" */
+  uint16_t port;               /* 0 = any free port (see em_server_port) */
+  const char *service;         /* service name sent in the handshake */
+  const uint8_t *hello_info;   /* msgpack value added to the handshake reply */
+  size_t hello_info_len;       /* (copied at open) */
+  uint64_t max_message_bytes;  /* 0 = default 1 GiB */
+  em_handler_fn handler;
+  void *handler_ud;
+  em_tick_fn tick;             /* may be NULL */
+  void *tick_ud;
+  uint64_t tick_ns;
+  em_log_fn log;               /* NULL = stderr */
+  void *log_ud;
+} em_server_opts;
+
+/* Create a server and bind and listen on host:port, so errors such as
+ * EADDRINUSE come back here, synchronously. It accepts nothing until
+ * em_server_run. *out is owned by the caller (em_server_close). Any thread. */
+int em_server_open(em_server **out, const em_server_opts *opts);
+
+/* The bound port (useful with port 0). */
+uint16_t em_server_port(const em_server *s);
+
+/* Run the server on the calling thread until em_server_stop (or a tick
+ * returns non-zero). Handlers run on this thread. When it returns, the
+ * listening socket and every connection are closed (the port is free), and
+ * replies already computed have been handed to the kernel. Returns EM_OK,
+ * or EM_EINTR when a tick stopped it. Call at most once per server. */
+int em_server_run(em_server *s);
+
+/* Ask the server to stop. Any thread, any number of times, async-signal
+ * unsafe. Returns at once; em_server_wait waits for run to return. */
+void em_server_stop(em_server *s);
+
+/* Wait until em_server_run has returned (or was never called), up to
+ * timeout_ns. EM_OK or EM_ETIMEDOUT. Any thread other than the loop's. */
+int em_server_wait(em_server *s, uint64_t timeout_ns);
+
+/* 1 while em_server_run runs on the calling thread. */
+int em_server_on_loop_thread(const em_server *s);
+
+/* Counters, for repr() and tests. Any thread (approximate while running). */
+typedef struct em_server_stats {
+  uint64_t connections_open;
+  uint64_t connections_total;
+  uint64_t requests;
+  uint64_t errors_sent;
+  uint64_t protocol_errors;
+} em_server_stats;
+void em_server_get_stats(const em_server *s, em_server_stats *st);
+
+/* Free the server. Requires that run has returned or never started. */
+void em_server_close(em_server *s);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* EDGEML_H */

@@ -1,0 +1,53 @@
+/* em_net.h: bytes on sockets. Blocking-style helpers for the client (the
+ * calling thread does its own I/O) and the libuv listener for servers (one
+ * loop thread owns every handle; only em__listener_stop crosses threads). */
+#ifndef EM_NET_H
+#define EM_NET_H
+
+#include "../wire/em_wire.h"
+
+/* ---- client side: non-blocking fds driven with poll() and deadlines
+ * (em_mono_ns clock, EM_FOREVER = none). EINTR is retried. */
+int em__dial(const char *host, uint16_t port, uint64_t deadline_ns, int *fd_out);
+/* Write every byte of iov (modified in place). ETIMEDOUT, ECONNCLOSED, EIO. */
+int em__writev_all(int fd, struct iovec *iov, int n, uint64_t deadline_ns);
+/* Read into the reader until it yields a frame. 1 + *out, or a negative
+ * code (ETIMEDOUT leaves the reader mid-frame, resumable). */
+int em__read_frame(int fd, em__reader *r, uint64_t deadline_ns, em_msg **out, const char **why);
+
+/* ---- server side: the libuv listener */
+typedef struct em__listener em__listener;
+typedef struct em__conn em__conn;
+
+typedef struct em__listener_cbs {
+  void *ud;
+  /* A whole frame arrived on c. m is owned by the callee. Loop thread. */
+  void (*on_frame)(void *ud, em__conn *c, em_msg *m);
+  /* Called every tick_ns; non-zero stops the listener. May be NULL. */
+  int (*on_tick)(void *ud);
+  uint64_t tick_ns;
+  em_log_fn log;
+  void *log_ud;
+} em__listener_cbs;
+
+int em__listener_open(em__listener **out, const char *host, uint16_t port, em_pool *pool,
+                      uint64_t max_frame, const em__listener_cbs *cbs);
+uint16_t em__listener_port(const em__listener *l);
+int em__listener_run(em__listener *l);      /* blocks; EM_OK or EM_EINTR (tick) */
+void em__listener_stop(em__listener *l);    /* any thread */
+int em__listener_wait(em__listener *l, uint64_t timeout_ns);
+bool em__listener_on_loop_thread(const em__listener *l);
+void em__listener_close(em__listener *l);   /* after run returned */
+void em__listener_counts(const em__listener *l, uint64_t *open, uint64_t *total, uint64_t *proto_errors);
+
+/* Send a frame built from p on c (loop thread). The payload's contents are
+ * taken over when the write cannot finish at once (p is then re-inited);
+ * p's release runs when its blobs are no longer needed, in every case. */
+int em__conn_send(em__conn *c, em_payload *p, uint8_t type, uint64_t req_id, const uint64_t ts_ns[4]);
+/* Close c after its queued writes, logging why (NULL = quietly). */
+void em__conn_close(em__conn *c, int level, const char *why);
+int *em__conn_state(em__conn *c);          /* one int for the layer above */
+const char *em__conn_peer(const em__conn *c);
+void em__log(const em__listener_cbs *cbs, int level, const char *fmt, ...);
+
+#endif

@@ -1,0 +1,148 @@
+/* sock.c: client-side sockets: dial with a deadline, write and read whole
+ * frames with poll(), so a blocked call can always time out. */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include "em_net.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <stdio.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+static int em__poll_ms(uint64_t deadline_ns) {
+  if (deadline_ns == EM_FOREVER) return 1000; /* wake up now and then anyway */
+  uint64_t now = em_mono_ns();
+  if (now >= deadline_ns) return 0;
+  uint64_t ms = (deadline_ns - now + 999999) / 1000000;
+  return ms > 1000 ? 1000 : (int)ms;
+}
+
+static int em__wait_fd(int fd, short events, uint64_t deadline_ns) {
+  for (;;) {
+    struct pollfd pfd = {.fd = fd, .events = events};
+    int ms = em__poll_ms(deadline_ns);
+    if (ms == 0 && deadline_ns != EM_FOREVER) {
+      int r = poll(&pfd, 1, 0);
+      if (r > 0) return EM_OK;
+      return EM_ETIMEDOUT;
+    }
+    int r = poll(&pfd, 1, ms);
+    if (r > 0) return EM_OK;
+    if (r < 0) return errno == EINTR ? EM_EINTR : EM_EIO;
+  }
+}
+
+int em__dial(const char *host, uint16_t port, uint64_t deadline_ns, int *fd_out) {
+  struct addrinfo hints, *res = NULL;
+  memset(&hints, 0, sizeof hints);
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  char ps[16];
+  snprintf(ps, sizeof ps, "%u", (unsigned)port);
+  if (getaddrinfo(host, ps, &hints, &res) != 0 || !res) return EM_ERESOLVE;
+  int rc = EM_ECONNREFUSED;
+  for (struct addrinfo *ai = res; ai; ai = ai->ai_next) {
+    int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, ai->ai_protocol);
+    if (fd < 0) {
+      rc = EM_EIO;
+      continue;
+    }
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    int r = connect(fd, ai->ai_addr, ai->ai_addrlen);
+    if (r < 0 && errno == EINPROGRESS) {
+      do r = em__wait_fd(fd, POLLOUT, deadline_ns); while (r == EM_EINTR);
+      if (r == EM_OK) {
+        int err = 0;
+        socklen_t el = sizeof err;
+        getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &el);
+        if (err == 0) r = 0;
+        else { errno = err; r = -1; }
+      } else {
+        close(fd);
+        rc = r;
+        continue;
+      }
+    }
+    if (r == 0) {
+      freeaddrinfo(res);
+      *fd_out = fd;
+      return EM_OK;
+    }
+    rc = (errno == ECONNREFUSED) ? EM_ECONNREFUSED : (errno == ETIMEDOUT ? EM_ETIMEDOUT : EM_EIO);
+    close(fd);
+  }
+  freeaddrinfo(res);
+  return rc;
+}
+
+int em__writev_all(int fd, struct iovec *iov, int n, uint64_t deadline_ns) {
+  int i = 0;
+  while (i < n) {
+    if (iov[i].iov_len == 0) {
+      i++;
+      continue;
+    }
+    struct msghdr mh;
+    memset(&mh, 0, sizeof mh);
+    mh.msg_iov = iov + i;
+    mh.msg_iovlen = (size_t)EM__MIN(n - i, 1024);
+    ssize_t w = sendmsg(fd, &mh, MSG_NOSIGNAL);
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN || errno == EWOULDBLOCK) {
+        int rc = em__wait_fd(fd, POLLOUT, deadline_ns);
+        if (rc && rc != EM_EINTR) return rc;
+        continue;
+      }
+      return (errno == EPIPE || errno == ECONNRESET) ? EM_ECONNCLOSED : EM_EIO;
+    }
+    size_t left = (size_t)w;
+    while (i < n && left >= iov[i].iov_len) {
+      left -= iov[i].iov_len;
+      iov[i].iov_len = 0;
+      i++;
+    }
+    if (left) {
+      iov[i].iov_base = (char *)iov[i].iov_base + left;
+      iov[i].iov_len -= left;
+    }
+  }
+  return EM_OK;
+}
+
+int em__read_frame(int fd, em__reader *r, uint64_t deadline_ns, em_msg **out, const char **why) {
+  for (;;) {
+    int rc = em__reader_next(r, out, why);
+    if (rc != 0) return rc;
+    uint8_t *p;
+    size_t n;
+    em__reader_region(r, &p, &n);
+    ssize_t got = recv(fd, p, n, 0);
+    if (got > 0) {
+      em__reader_commit(r, (size_t)got);
+      continue;
+    }
+    if (got == 0) {
+      *why = "connection closed by the server";
+      return EM_ECONNCLOSED;
+    }
+    if (errno == EINTR) continue;
+    if (errno == EAGAIN || errno == EWOULDBLOCK) {
+      rc = em__wait_fd(fd, POLLIN, deadline_ns);
+      if (rc) {
+        *why = rc == EM_ETIMEDOUT ? "timed out" : rc == EM_EINTR ? "interrupted" : "poll failed";
+        return rc;
+      }
+      continue;
+    }
+    *why = "connection reset";
+    return errno == ECONNRESET ? EM_ECONNCLOSED : EM_EIO;
+  }
+}

@@ -1,0 +1,468 @@
+/* codec.c: Python objects <-> msgpack bodies with out-of-band arrays. */
+#include "em_py.h"
+
+#include <stdarg.h>
+
+em_py_state em_py;
+
+#define EM__PATH_MAX 64
+
+typedef struct {
+  em_payload *p;
+  em_py_keep *keep;
+  const char *root;
+  int depth;
+  PyObject *path_key[EM__PATH_MAX]; /* borrowed; NULL = index */
+  Py_ssize_t path_idx[EM__PATH_MAX];
+  bool failed_here; /* the innermost failure already set the error */
+} em__enc;
+
+/* ------------------------------------------------------------ errors */
+
+PyObject *em_py_raise(int code, const char *fmt, ...) {
+  char msg[1024];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(msg, sizeof msg, fmt, ap);
+  va_end(ap);
+  PyObject *cls = em_py.exc_for_code ? PyDict_GetItemString(em_py.exc_for_code, em_errname(code)) : NULL;
+  if (!cls) cls = PyExc_RuntimeError;
+  PyErr_SetString(cls, msg);
+  return NULL;
+}
+
+static PyObject *em__path_str(em__enc *e) {
+  PyObject *s = PyUnicode_FromString(e->root);
+  for (int i = 0; s && i < e->depth && i < EM__PATH_MAX; i++) {
+    PyObject *part = e->path_key[i] ? PyUnicode_FromFormat("[%R]", e->path_key[i])
+                                    : PyUnicode_FromFormat("[%zd]", e->path_idx[i]);
+    if (!part) {
+      Py_CLEAR(s);
+      break;
+    }
+    PyObject *n = PyUnicode_Concat(s, part);
+    Py_DECREF(part);
+    Py_DECREF(s);
+    s = n;
+  }
+  return s;
+}
+
+static int em__enc_fail(em__enc *e, PyObject *obj, const char *why) {
+  PyObject *path = em__path_str(e);
+  if (!path) return -1;
+  /* keep a cause raised by a helper (e.g. the dtype check) in the message */
+  PyObject *cause = NULL;
+  if (PyErr_Occurred()) {
+    PyObject *t, *v, *tb;
+    PyErr_Fetch(&t, &v, &tb);
+    PyErr_NormalizeException(&t, &v, &tb);
+    cause = v ? PyObject_Str(v) : NULL;
+    Py_XDECREF(t);
+    Py_XDECREF(v);
+    Py_XDECREF(tb);
+    PyErr_Clear();
+  }
+  if (cause)
+    PyErr_Format(em_py.encode_error, "cannot encode %U (type %s): %s: %U", path, Py_TYPE(obj)->tp_name, why, cause);
+  else
+    PyErr_Format(em_py.encode_error, "cannot encode %U (type %s): %s", path, Py_TYPE(obj)->tp_name, why);
+  Py_XDECREF(cause);
+  Py_DECREF(path);
+  return -1;
+}
+
+/* ------------------------------------------------------------ encode */
+
+static int em__enc_value(em__enc *e, PyObject *o);
+
+static int em__keep_view(em_py_keep *k, Py_buffer *v) {
+  if (k->n == k->cap) {
+    int cap = k->cap ? k->cap * 2 : 4;
+    Py_buffer *nv = PyMem_Realloc(k->views, (size_t)cap * sizeof *nv);
+    if (!nv) return -1;
+    k->views = nv;
+    k->cap = cap;
+  }
+  k->views[k->n++] = *v;
+  return 0;
+}
+
+void em_py_keep_release(em_py_keep *k) {
+  for (int i = 0; i < k->n; i++) PyBuffer_Release(&k->views[i]);
+  k->n = 0;
+}
+
+static int em__enc_array_as(em__enc *e, PyObject *arr, int is_scalar, const char *dts);
+
+static int em__enc_array(em__enc *e, PyObject *arr, int is_scalar) {
+  PyObject *dtype = PyObject_GetAttrString(arr, "dtype");
+  if (!dtype) return em__enc_fail(e, arr, "no dtype");
+  /* dtype -> wire string; the helper fills em_py.dtype_cache */
+  PyObject *wire = PyDict_GetItemWithError(em_py.dtype_cache, dtype);
+  if (wire) {
+    Py_INCREF(wire);
+  } else if (!PyErr_Occurred()) {
+    wire = PyObject_CallOneArg(em_py.dtype_wire, dtype);
+  }
+  if (!wire) {
+    Py_DECREF(dtype);
+    return em__enc_fail(e, arr, "unsupported array dtype");
+  }
+  Py_DECREF(dtype);
+  const char *dts = PyUnicode_AsUTF8(wire);
+  int r = dts ? em__enc_array_as(e, arr, is_scalar, dts) : -1;
+  Py_DECREF(wire);
+  return r;
+}
+
+static int em__enc_array_as(em__enc *e, PyObject *arr, int is_scalar, const char *dts) {
+  uint64_t shape[EM_ARRAY_MAX_NDIM];
+  uint32_t ndim = 0;
+  if (!is_scalar) {
+    PyObject *shp = PyObject_GetAttrString(arr, "shape");
+    if (!shp || !PyTuple_Check(shp)) {
+      Py_XDECREF(shp);
+      return em__enc_fail(e, arr, "no shape");
+    }
+    Py_ssize_t nd = PyTuple_GET_SIZE(shp);
+    if (nd > EM_ARRAY_MAX_NDIM) {
+      Py_DECREF(shp);
+      return em__enc_fail(e, arr, "more than 32 dimensions");
+    }
+    for (Py_ssize_t i = 0; i < nd; i++) shape[i] = (uint64_t)PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(shp, i));
+    ndim = (uint32_t)nd;
+    Py_DECREF(shp);
+  }
+  Py_buffer view;
+  if (PyObject_GetBuffer(arr, &view, PyBUF_C_CONTIGUOUS) != 0) {
+    /* non-contiguous, or a dtype the buffer protocol lacks (datetime):
+     * a flat uint8 view of a contiguous copy */
+    PyErr_Clear();
+    PyObject *flat = PyObject_CallOneArg(em_py.contiguous, arr);
+    if (!flat) return em__enc_fail(e, arr, "cannot make the array contiguous");
+    int r = PyObject_GetBuffer(flat, &view, PyBUF_C_CONTIGUOUS);
+    Py_DECREF(flat); /* the view holds its own reference */
+    if (r) return em__enc_fail(e, arr, "array exposes no buffer");
+  }
+  int rc = em_payload_pack_array(e->p, dts, ndim, shape, view.buf, (size_t)view.len, is_scalar);
+  if (rc) {
+    PyBuffer_Release(&view);
+    return em__enc_fail(e, arr, rc == EM_EINVAL ? "array size disagrees with dtype and shape" : "out of memory");
+  }
+  if (em__keep_view(e->keep, &view)) {
+    PyBuffer_Release(&view);
+    PyErr_NoMemory();
+    return -1;
+  }
+  return 0;
+}
+
+static int em__enc_seq(em__enc *e, PyObject *seq, int tag) {
+  /* seq is a list or tuple */
+  Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+  PyObject **items = PySequence_Fast_ITEMS(seq);
+  if ((uint64_t)n + (tag ? 1 : 0) > UINT32_MAX) return em__enc_fail(e, seq, "too long");
+  msgpack_pack_array(&e->p->pk, (size_t)n + (tag ? 1 : 0));
+  if (tag) msgpack_pack_ext(&e->p->pk, 0, (int8_t)tag);
+  if (e->depth > EM__MAX_DEPTH - 2) return em__enc_fail(e, seq, "nested deeper than 30 levels");
+  for (Py_ssize_t i = 0; i < n; i++) {
+    e->path_key[e->depth] = NULL;
+    e->path_idx[e->depth] = i;
+    e->depth++;
+    int r = em__enc_value(e, items[i]);
+    e->depth--;
+    if (r) return -1;
+  }
+  return 0;
+}
+
+static int em__enc_dict_items(em__enc *e, PyObject *owner, PyObject *d) {
+  Py_ssize_t n = PyDict_GET_SIZE(d);
+  if ((uint64_t)n > UINT32_MAX) return em__enc_fail(e, owner, "too many keys");
+  if (e->depth > EM__MAX_DEPTH - 2) return em__enc_fail(e, owner, "nested deeper than 30 levels");
+  msgpack_pack_map(&e->p->pk, (size_t)n);
+  Py_ssize_t pos = 0;
+  PyObject *k, *v;
+  while (PyDict_Next(d, &pos, &k, &v)) {
+    if (PyUnicode_CheckExact(k)) {
+      Py_ssize_t kl;
+      const char *ks = PyUnicode_AsUTF8AndSize(k, &kl);
+      if (!ks) return -1;
+      msgpack_pack_str_with_body(&e->p->pk, ks, (size_t)kl);
+    } else if (PyUnicode_Check(k) || PyLong_Check(k) || PyFloat_Check(k) || PyBytes_Check(k) ||
+               k == Py_None || PyTuple_Check(k)) {
+      if (em__enc_value(e, k)) return -1;
+    } else {
+      e->path_key[e->depth] = k;
+      e->depth++;
+      int r = em__enc_fail(e, k, "dict key of an unsupported type (use str, int, float, bytes, tuple)");
+      e->depth--;
+      return r;
+    }
+    e->path_key[e->depth] = k;
+    e->depth++;
+    int r = em__enc_value(e, v);
+    e->depth--;
+    if (r) return -1;
+  }
+  return 0;
+}
+
+static int em__enc_int(em__enc *e, PyObject *o) {
+  int overflow = 0;
+  long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
+  if (overflow > 0) {
+    unsigned long long u = PyLong_AsUnsignedLongLong(o);
+    if (u == (unsigned long long)-1 && PyErr_Occurred()) {
+      PyErr_Clear();
+      return em__enc_fail(e, o, "integer outside the 64-bit range");
+    }
+    return msgpack_pack_uint64(&e->p->pk, u);
+  }
+  if (overflow < 0) return em__enc_fail(e, o, "integer outside the 64-bit range");
+  if (v == -1 && PyErr_Occurred()) return -1;
+  return msgpack_pack_int64(&e->p->pk, v);
+}
+
+static int em__enc_value(em__enc *e, PyObject *o) {
+  PyTypeObject *t = Py_TYPE(o);
+  if (t == &PyUnicode_Type) {
+    Py_ssize_t n;
+    const char *s = PyUnicode_AsUTF8AndSize(o, &n);
+    if (!s) return em__enc_fail(e, o, "string is not valid unicode");
+    return msgpack_pack_str_with_body(&e->p->pk, s, (size_t)n);
+  }
+  if (o == Py_None) return msgpack_pack_nil(&e->p->pk);
+  if (o == Py_True) return msgpack_pack_true(&e->p->pk);
+  if (o == Py_False) return msgpack_pack_false(&e->p->pk);
+  if (t == &PyLong_Type) return em__enc_int(e, o);
+  if (t == &PyFloat_Type) return msgpack_pack_double(&e->p->pk, PyFloat_AS_DOUBLE(o));
+  if (t == &PyDict_Type) return em__enc_dict_items(e, o, o);
+  if (t == &PyList_Type) return em__enc_seq(e, o, 0);
+  if (t == &PyTuple_Type) return em__enc_seq(e, o, EM_EXT_TUPLE_TAG);
+  if (t == &PyBytes_Type) return msgpack_pack_bin_with_body(&e->p->pk, PyBytes_AS_STRING(o), (size_t)PyBytes_GET_SIZE(o));
+  if (em_py.ndarray_type && PyObject_TypeCheck(o, (PyTypeObject *)em_py.ndarray_type)) return em__enc_array(e, o, 0);
+  /* subclasses and the rest */
+  if (em_py.generic_type && PyObject_TypeCheck(o, (PyTypeObject *)em_py.generic_type)) return em__enc_array(e, o, 1);
+  if (PyBool_Check(o)) return o == Py_True ? msgpack_pack_true(&e->p->pk) : msgpack_pack_false(&e->p->pk);
+  if (PyLong_Check(o)) return em__enc_int(e, o);
+  if (PyFloat_Check(o)) return msgpack_pack_double(&e->p->pk, PyFloat_AsDouble(o));
+  if (PyUnicode_Check(o)) {
+    Py_ssize_t n;
+    const char *s = PyUnicode_AsUTF8AndSize(o, &n);
+    if (!s) return em__enc_fail(e, o, "string is not valid unicode");
+    return msgpack_pack_str_with_body(&e->p->pk, s, (size_t)n);
+  }
+  if (PyDict_Check(o)) return em__enc_dict_items(e, o, o);
+  if (PyList_Check(o)) return em__enc_seq(e, o, 0);
+  if (PyTuple_Check(o)) return em__enc_seq(e, o, EM_EXT_TUPLE_TAG);
+  if (PyBytes_Check(o)) return msgpack_pack_bin_with_body(&e->p->pk, PyBytes_AS_STRING(o), (size_t)PyBytes_GET_SIZE(o));
+  if (PyByteArray_Check(o)) return msgpack_pack_bin_with_body(&e->p->pk, PyByteArray_AS_STRING(o), (size_t)PyByteArray_GET_SIZE(o));
+  if (PyAnySet_Check(o)) {
+    PyObject *l = PySequence_List(o);
+    if (!l) return -1;
+    int r = em__enc_seq(e, l, EM_EXT_SET_TAG);
+    Py_DECREF(l);
+    return r;
+  }
+  if (PyMemoryView_Check(o)) {
+    PyObject *b = PyBytes_FromObject(o);
+    if (!b) return em__enc_fail(e, o, "memoryview cannot be read");
+    int r = msgpack_pack_bin_with_body(&e->p->pk, PyBytes_AS_STRING(b), (size_t)PyBytes_GET_SIZE(b));
+    Py_DECREF(b);
+    return r;
+  }
+  /* Mappings (flax FrozenDict, MappingProxy, ...) travel as dicts. */
+  if (PyMapping_Check(o) && PyObject_HasAttrString(o, "items") && PyObject_HasAttrString(o, "keys")) {
+    PyObject *d = PyDict_New();
+    if (!d) return -1;
+    if (PyDict_Update(d, o) != 0 && PyDict_MergeFromSeq2(d, o, 1) != 0) {
+      Py_DECREF(d);
+      return em__enc_fail(e, o, "mapping cannot be iterated");
+    }
+    int r = em__enc_dict_items(e, o, d);
+    Py_DECREF(d);
+    return r;
+  }
+  /* torch tensors, jax arrays, anything with __array__/__dlpack__/buffer */
+  PyObject *arr = PyObject_CallOneArg(em_py.as_array, o);
+  if (!arr) return em__enc_fail(e, o, "conversion to an array failed");
+  if (arr != Py_None) {
+    int r = em__enc_array(e, arr, 0);
+    Py_DECREF(arr);
+    return r;
+  }
+  Py_DECREF(arr);
+  return em__enc_fail(e, o, "not a type edgeml can send (dicts, lists, tuples, sets, str, bytes, "
+                            "int, float, bool, None and arrays are)");
+}
+
+int em_py_encode(em_payload *p, em_py_keep *keep, PyObject *obj, const char *root) {
+  em__enc e;
+  e.p = p;
+  e.keep = keep;
+  e.root = root;
+  e.depth = 0;
+  if (Py_EnterRecursiveCall(" while encoding an edgeml payload")) return -1;
+  int r = em__enc_value(&e, obj);
+  Py_LeaveRecursiveCall();
+  return r ? -1 : 0;
+}
+
+/* ------------------------------------------------------------ decode */
+
+typedef struct {
+  const em_msg *m;
+  PyObject *bufobj; /* FrameBuffer, made on the first array */
+} em__dec;
+
+typedef struct {
+  PyObject_HEAD
+  em_buf *buf;
+  Py_ssize_t len;
+  int exports;
+} em__framebuf;
+
+static int em__framebuf_getbuffer(PyObject *self, Py_buffer *view, int flags) {
+  em__framebuf *f = (em__framebuf *)self;
+  return PyBuffer_FillInfo(view, self, em_buf_data(f->buf), f->len, 0, flags);
+}
+
+static void em__framebuf_dealloc(PyObject *self) {
+  em__framebuf *f = (em__framebuf *)self;
+  em_buf_release(f->buf); /* back to the pool, reused by the next frame */
+  Py_TYPE(self)->tp_free(self);
+}
+
+static PyBufferProcs em__framebuf_as_buffer = {em__framebuf_getbuffer, NULL};
+
+PyTypeObject em_py_framebuf_type = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "edgeml._core.FrameBuffer",
+    .tp_basicsize = sizeof(em__framebuf),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Memory of one received frame; arrays decoded from it view it.",
+    .tp_dealloc = em__framebuf_dealloc,
+    .tp_as_buffer = &em__framebuf_as_buffer,
+};
+
+static PyObject *em__dec_fail(const char *why) {
+  if (!PyErr_Occurred()) PyErr_Format(em_py.decode_error, "cannot decode the message body: %s", why);
+  return NULL;
+}
+
+static PyObject *em__dec_value(em__dec *d, const msgpack_object *o) {
+  switch (o->type) {
+    case MSGPACK_OBJECT_NIL: Py_RETURN_NONE;
+    case MSGPACK_OBJECT_BOOLEAN: return PyBool_FromLong(o->via.boolean);
+    case MSGPACK_OBJECT_POSITIVE_INTEGER: return PyLong_FromUnsignedLongLong(o->via.u64);
+    case MSGPACK_OBJECT_NEGATIVE_INTEGER: return PyLong_FromLongLong(o->via.i64);
+    case MSGPACK_OBJECT_FLOAT32:
+    case MSGPACK_OBJECT_FLOAT64: return PyFloat_FromDouble(o->via.f64);
+    case MSGPACK_OBJECT_STR: {
+      PyObject *s = PyUnicode_DecodeUTF8(o->via.str.ptr, o->via.str.size, NULL);
+      return s ? s : em__dec_fail("string is not valid UTF-8");
+    }
+    case MSGPACK_OBJECT_BIN: return PyBytes_FromStringAndSize(o->via.bin.ptr, o->via.bin.size);
+    case MSGPACK_OBJECT_ARRAY: {
+      uint32_t n = o->via.array.size;
+      const msgpack_object *it = o->via.array.ptr;
+      int tag = 0;
+      if (n && it[0].type == MSGPACK_OBJECT_EXT &&
+          (it[0].via.ext.type == EM_EXT_TUPLE_TAG || it[0].via.ext.type == EM_EXT_SET_TAG)) {
+        tag = it[0].via.ext.type;
+        it++;
+        n--;
+      }
+      PyObject *seq = tag == EM_EXT_TUPLE_TAG ? PyTuple_New(n) : PyList_New(n);
+      if (!seq) return NULL;
+      for (uint32_t i = 0; i < n; i++) {
+        PyObject *v = em__dec_value(d, &it[i]);
+        if (!v) {
+          Py_DECREF(seq);
+          return NULL;
+        }
+        if (tag == EM_EXT_TUPLE_TAG) PyTuple_SET_ITEM(seq, i, v);
+        else PyList_SET_ITEM(seq, i, v);
+      }
+      if (tag == EM_EXT_SET_TAG) {
+        PyObject *set = PySet_New(seq);
+        Py_DECREF(seq);
+        return set ? set : em__dec_fail("set element is not hashable");
+      }
+      return seq;
+    }
+    case MSGPACK_OBJECT_MAP: {
+      PyObject *dict = PyDict_New();
+      if (!dict) return NULL;
+      for (uint32_t i = 0; i < o->via.map.size; i++) {
+        PyObject *k = em__dec_value(d, &o->via.map.ptr[i].key);
+        PyObject *v = k ? em__dec_value(d, &o->via.map.ptr[i].val) : NULL;
+        int r = v ? PyDict_SetItem(dict, k, v) : -1;
+        Py_XDECREF(k);
+        Py_XDECREF(v);
+        if (r) {
+          Py_DECREF(dict);
+          if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+            PyErr_Clear();
+            return em__dec_fail("map key is not hashable");
+          }
+          return NULL;
+        }
+      }
+      return dict;
+    }
+    case MSGPACK_OBJECT_EXT: {
+      if (o->via.ext.type != EM_EXT_ARRAY) return em__dec_fail("unknown ext type");
+      em_array a;
+      if (em_obj_array(d->m, o, &a) != EM_OK) return em__dec_fail("malformed array");
+      if (!d->bufobj) {
+        em__framebuf *f = PyObject_New(em__framebuf, &em_py_framebuf_type);
+        if (!f) return NULL;
+        f->buf = em_buf_retain(d->m->buf);
+        f->len = (Py_ssize_t)d->m->frame_bytes;
+        d->bufobj = (PyObject *)f;
+      }
+      PyObject *shape = PyTuple_New(a.ndim);
+      if (!shape) return NULL;
+      for (uint32_t i = 0; i < a.ndim; i++) PyTuple_SET_ITEM(shape, i, PyLong_FromUnsignedLongLong(a.shape[i]));
+      Py_ssize_t off = (Py_ssize_t)((const uint8_t *)a.data - em_buf_data(d->m->buf));
+      PyObject *r = PyObject_CallFunction(em_py.make_array, "OnsOi", d->bufobj, off, a.dtype, shape, a.is_scalar);
+      Py_DECREF(shape);
+      return r;
+    }
+    default: return em__dec_fail("unsupported msgpack type");
+  }
+}
+
+PyObject *em_py_decode(const em_msg *m, PyObject **request_method) {
+  msgpack_zone zone;
+  msgpack_zone_init(&zone, 2048);
+  msgpack_object o;
+  PyObject *r = NULL;
+  const char *why = "malformed msgpack";
+  if (em__body_check(m, &why) != EM_OK) {
+    msgpack_zone_destroy(&zone);
+    return em__dec_fail(why);
+  }
+  size_t off = 0;
+  if (msgpack_unpack((const char *)m->body, m->body_len, &off, &zone, &o) != MSGPACK_UNPACK_SUCCESS) {
+    msgpack_zone_destroy(&zone);
+    return em__dec_fail("malformed msgpack");
+  }
+  em__dec d = {m, NULL};
+  if (request_method) {
+    if (o.type != MSGPACK_OBJECT_ARRAY || o.via.array.size != 2 || o.via.array.ptr[0].type != MSGPACK_OBJECT_STR) {
+      r = em__dec_fail("a request body must be [method, payload]");
+    } else {
+      *request_method = em__dec_value(&d, &o.via.array.ptr[0]);
+      r = *request_method ? em__dec_value(&d, &o.via.array.ptr[1]) : NULL;
+      if (!r) Py_CLEAR(*request_method);
+    }
+  } else {
+    r = em__dec_value(&d, &o);
+  }
+  Py_XDECREF(d.bufobj);
+  msgpack_zone_destroy(&zone);
+  return r;
+}

@@ -1,0 +1,597 @@
+/* core.c: the edgeml._core module: Client and Server over libedgeml.
+ * Private; the public classes live in edgeml/ (inference.py, ...). */
+#include "em_py.h"
+
+#include <structmember.h>
+
+/* ================================================================ Client */
+
+typedef struct {
+  PyObject_HEAD
+  em_client *c;
+  char where[300]; /* "host:port" for messages */
+} em__pyclient;
+
+static int em__check_interrupt(void *ud) {
+  (void)ud;
+  PyGILState_STATE g = PyGILState_Ensure();
+  int r = PyErr_CheckSignals(); /* leaves KeyboardInterrupt set on -1 */
+  PyGILState_Release(g);
+  return r < 0;
+}
+
+static int em__client_init(PyObject *self, PyObject *args, PyObject *kw) {
+  em__pyclient *c = (em__pyclient *)self;
+  static char *kwlist[] = {"host", "port", "service", "connect_timeout", "max_message_bytes", NULL};
+  const char *host, *service = NULL;
+  int port;
+  double connect_timeout = 0;
+  unsigned long long max_bytes = 0;
+  if (!PyArg_ParseTupleAndKeywords(args, kw, "si|zdK", kwlist, &host, &port, &service, &connect_timeout, &max_bytes))
+    return -1;
+  if (port < 0 || port > 65535) {
+    PyErr_Format(PyExc_ValueError, "port must be in 0..65535, got %d", port);
+    return -1;
+  }
+  snprintf(c->where, sizeof c->where, strchr(host, ':') ? "[%s]:%d" : "%s:%d", host, port);
+  em_client_opts o = {0};
+  o.connect_timeout_ns = connect_timeout > 0 ? (uint64_t)(connect_timeout * 1e9) : 0;
+  o.max_message_bytes = max_bytes;
+  o.service = service;
+  o.check_interrupt = em__check_interrupt;
+  int rc;
+  Py_BEGIN_ALLOW_THREADS
+  rc = em_client_open(&c->c, host, (uint16_t)port, &o);
+  Py_END_ALLOW_THREADS
+  if (rc == EM_EHANDSHAKE && PyErr_Occurred()) return -1;
+  if (rc) {
+    if (PyErr_Occurred()) return -1;
+    em_py_raise(rc, "cannot connect to edgeml server at %s: %s", c->where, em_strerror(rc));
+    return -1;
+  }
+  return 0;
+}
+
+static void em__client_dealloc(PyObject *self) {
+  em__pyclient *c = (em__pyclient *)self;
+  if (c->c) {
+    em_client *cc = c->c;
+    c->c = NULL;
+    Py_BEGIN_ALLOW_THREADS
+    em_client_close(cc);
+    Py_END_ALLOW_THREADS
+  }
+  Py_TYPE(self)->tp_free(self);
+}
+
+/* Turn an ERROR reply into a dict for edgeml.errors to raise from. */
+static PyObject *em__error_reply(em__pyclient *c, em_msg *m) {
+  PyObject *body = em_py_decode(m, NULL);
+  if (!body) return NULL;
+  if (!PyDict_Check(body)) {
+    Py_DECREF(body);
+    return em_py_raise(EM_EPROTO, "%s sent a malformed error reply", c->where);
+  }
+  return body;
+}
+
+/* call(type, method, payload, timeout) -> (ok, value)
+ * ok=True: value is the reply payload; ok=False: value is the error map. */
+static PyObject *em__client_call(PyObject *self, PyObject *args) {
+  em__pyclient *c = (em__pyclient *)self;
+  const char *method;
+  Py_ssize_t method_len;
+  PyObject *payload;
+  double timeout;
+  int type = EM_MSG_REQUEST;
+  if (!PyArg_ParseTuple(args, "s#Od|i", &method, &method_len, &payload, &timeout, &type)) return NULL;
+  if (!c->c) return em_py_raise(EM_ECLOSED, "client for %s is closed", c->where);
+  em_payload p;
+  if (em_payload_init(&p)) return PyErr_NoMemory();
+  em_py_keep keep = {0};
+  PyObject *result = NULL;
+  if (type == EM_MSG_REQUEST) {
+    em_payload_begin_request(&p, method, (size_t)method_len);
+    if (em_py_encode(&p, &keep, payload, "payload") != 0) goto done;
+  } else {
+    msgpack_pack_nil(&p.pk);
+  }
+  uint64_t tmo = timeout < 0 ? EM_FOREVER : (uint64_t)(timeout * 1e9);
+  em_msg *reply = NULL;
+  int rc;
+  em_client *cc = c->c;
+  Py_BEGIN_ALLOW_THREADS
+  rc = em_client_request(cc, (uint8_t)type, &p, tmo, &reply);
+  Py_END_ALLOW_THREADS
+  em_py_keep_release(&keep);
+  if (rc == EM_OK) {
+    PyObject *v = em_py_decode(reply, NULL);
+    if (v) {
+      result = Py_BuildValue("(ON)", Py_True, v);
+    }
+  } else if (rc == EM_EREMOTE) {
+    PyObject *v = em__error_reply(c, reply);
+    if (v) result = Py_BuildValue("(ON)", Py_False, v);
+  } else if (rc == EM_EINTR && PyErr_Occurred()) {
+    /* KeyboardInterrupt (or another signal handler's exception) */
+  } else if (rc == EM_ETIMEDOUT) {
+    em_py_raise(rc, "no reply from %s to '%s' within %.3g s", c->where, method, timeout);
+  } else if (rc == EM_ETOOBIG) {
+    em_py_raise(rc, "message to or from %s exceeds max_message_bytes", c->where);
+  } else {
+    em_py_raise(rc, "call '%s' to %s failed: %s", method, c->where, em_strerror(rc));
+  }
+  em_msg_free(reply);
+done:
+  em_py_keep_release(&keep);
+  PyMem_Free(keep.views);
+  em_payload_destroy(&p);
+  return result;
+}
+
+static PyObject *em__client_hello(PyObject *self, PyObject *unused) {
+  em__pyclient *c = (em__pyclient *)self;
+  if (!c->c) return em_py_raise(EM_ECLOSED, "client for %s is closed", c->where);
+  size_t len;
+  const uint8_t *h = em_client_server_hello(c->c, &len);
+  return PyBytes_FromStringAndSize((const char *)h, (Py_ssize_t)len);
+}
+
+static PyObject *em__client_close(PyObject *self, PyObject *unused) {
+  em__pyclient *c = (em__pyclient *)self;
+  em_client *cc = c->c;
+  if (cc) {
+    c->c = NULL;
+    Py_BEGIN_ALLOW_THREADS
+    em_client_close(cc);
+    Py_END_ALLOW_THREADS
+  }
+  Py_RETURN_NONE;
+}
+
+static PyObject *em__client_shutdown(PyObject *self, PyObject *unused) {
+  em__pyclient *c = (em__pyclient *)self;
+  if (c->c) em_client_shutdown(c->c);
+  Py_RETURN_NONE;
+}
+
+static PyMethodDef em__client_methods[] = {
+    {"call", em__client_call, METH_VARARGS, "call(method, payload, timeout[, type]) -> (ok, value)"},
+    {"hello", em__client_hello, METH_NOARGS, "the server's handshake body (msgpack bytes)"},
+    {"shutdown", em__client_shutdown, METH_NOARGS, "fail calls in flight with a ClosedError"},
+    {"close", em__client_close, METH_NOARGS, "close the connection"},
+    {NULL}};
+
+static PyTypeObject em__client_type = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "edgeml._core.Client",
+    .tp_basicsize = sizeof(em__pyclient),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Client(host, port, service=None, connect_timeout=0.0, max_message_bytes=0)",
+    .tp_new = PyType_GenericNew,
+    .tp_init = em__client_init,
+    .tp_dealloc = em__client_dealloc,
+    .tp_methods = em__client_methods,
+};
+
+/* ================================================================ Server */
+
+typedef struct {
+  PyObject_HEAD
+  em_server *s;
+  PyObject *dispatch;      /* fn(method, payload) -> reply payload */
+  PyObject *format_error;  /* fn(exc) -> dict for the ERROR reply */
+  PyObject *log;           /* fn(level, msg) */
+  PyThreadState *tstate;   /* the loop thread's, while run() runs */
+  PyObject *pending;       /* exception that stopped run() (Ctrl-C) */
+  em_py_keep *keeps;       /* views held by replies still being written */
+  int check_signals;
+  int running;
+} em__pyserver;
+
+typedef struct {
+  em__pyserver *srv;
+  em_py_keep keep;
+} em__reply_keep;
+
+/* Runs when a reply's arrays are no longer needed (loop thread, no GIL). */
+static void em__release_reply(void *ctx) {
+  em__reply_keep *k = ctx;
+  PyGILState_STATE g = PyGILState_Ensure();
+  em_py_keep_release(&k->keep);
+  PyMem_Free(k->keep.views);
+  PyMem_Free(k);
+  PyGILState_Release(g);
+}
+
+static int em__pack_exception(em__pyserver *s, em_payload *reply) {
+  /* called with an exception set; packs the error map built in Python */
+  PyObject *t, *v, *tb;
+  PyErr_Fetch(&t, &v, &tb);
+  PyErr_NormalizeException(&t, &v, &tb);
+  if (tb && v) PyException_SetTraceback(v, tb);
+  PyObject *info = PyObject_CallOneArg(s->format_error, v ? v : Py_None);
+  Py_XDECREF(t);
+  Py_XDECREF(v);
+  Py_XDECREF(tb);
+  em_payload_reset(reply);
+  em_py_keep k = {0};
+  if (!info || em_py_encode(reply, &k, info, "error") != 0) {
+    PyErr_Clear();
+    em_payload_reset(reply);
+    em__pack_error(reply, "RuntimeError", "the handler failed and its error could not be reported", NULL);
+  }
+  em_py_keep_release(&k);
+  PyMem_Free(k.views);
+  Py_XDECREF(info);
+  return EM_MSG_ERROR;
+}
+
+static int em__handler(void *ud, const em_msg *req, em_payload *reply) {
+  em__pyserver *s = ud;
+  PyEval_RestoreThread(s->tstate);
+  int type = EM_MSG_REPLY;
+  PyObject *method = NULL;
+  PyObject *payload = em_py_decode(req, &method);
+  if (!payload) {
+    type = em__pack_exception(s, reply);
+    goto out;
+  }
+  PyObject *res = PyObject_CallFunctionObjArgs(s->dispatch, method, payload, NULL);
+  Py_DECREF(payload);
+  Py_DECREF(method);
+  if (!res) {
+    type = em__pack_exception(s, reply);
+    goto out;
+  }
+  em__reply_keep *k = PyMem_Calloc(1, sizeof *k);
+  if (!k) {
+    Py_DECREF(res);
+    PyErr_NoMemory();
+    type = em__pack_exception(s, reply);
+    goto out;
+  }
+  if (em_py_encode(reply, &k->keep, res, "reply") != 0) {
+    em_py_keep_release(&k->keep);
+    PyMem_Free(k->keep.views);
+    PyMem_Free(k);
+    Py_DECREF(res);
+    type = em__pack_exception(s, reply);
+    goto out;
+  }
+  Py_DECREF(res);
+  if (k->keep.n) {
+    k->srv = s;
+    reply->release = em__release_reply;
+    reply->release_ctx = k;
+  } else {
+    PyMem_Free(k->keep.views);
+    PyMem_Free(k);
+  }
+out:
+  s->tstate = PyEval_SaveThread();
+  return type;
+}
+
+static int em__tick(void *ud) {
+  em__pyserver *s = ud;
+  if (!s->check_signals) return 0;
+  PyEval_RestoreThread(s->tstate);
+  int stop = 0;
+  if (PyErr_CheckSignals() < 0) {
+    PyObject *t, *v, *tb;
+    PyErr_Fetch(&t, &v, &tb);
+    PyErr_NormalizeException(&t, &v, &tb);
+    if (tb && v) PyException_SetTraceback(v, tb);
+    Py_XDECREF(t);
+    Py_XDECREF(tb);
+    Py_XSETREF(s->pending, v);
+    stop = 1;
+  }
+  s->tstate = PyEval_SaveThread();
+  return stop;
+}
+
+static void em__log_py(void *ud, int level, const char *msg) {
+  em__pyserver *s = ud;
+  PyGILState_STATE g = PyGILState_Ensure();
+  if (s->log) {
+    PyObject *r = PyObject_CallFunction(s->log, "is", level, msg);
+    if (!r) PyErr_Clear();
+    Py_XDECREF(r);
+  }
+  PyGILState_Release(g);
+}
+
+static int em__server_init(PyObject *self, PyObject *args, PyObject *kw) {
+  em__pyserver *s = (em__pyserver *)self;
+  static char *kwlist[] = {"host", "port", "service", "dispatch", "format_error", "log",
+                           "hello_info", "max_message_bytes", NULL};
+  const char *host, *service;
+  int port;
+  PyObject *dispatch, *format_error, *log;
+  Py_buffer info = {0};
+  unsigned long long max_bytes = 0;
+  if (!PyArg_ParseTupleAndKeywords(args, kw, "sisOOO|y*K", kwlist, &host, &port, &service, &dispatch,
+                                   &format_error, &log, &info, &max_bytes))
+    return -1;
+  if (port < 0 || port > 65535) {
+    PyBuffer_Release(&info);
+    PyErr_Format(PyExc_ValueError, "port must be in 0..65535, got %d", port);
+    return -1;
+  }
+  Py_INCREF(dispatch);
+  Py_INCREF(format_error);
+  Py_INCREF(log);
+  s->dispatch = dispatch;
+  s->format_error = format_error;
+  s->log = log;
+  em_server_opts o = {0};
+  o.host = host;
+  o.port = (uint16_t)port;
+  o.service = service;
+  o.hello_info = info.buf;
+  o.hello_info_len = info.buf ? (size_t)info.len : 0;
+  o.max_message_bytes = max_bytes;
+  o.handler = em__handler;
+  o.handler_ud = s;
+  o.tick = em__tick;
+  o.tick_ud = s;
+  o.tick_ns = 100000000ull;
+  o.log = em__log_py;
+  o.log_ud = s;
+  int rc = em_server_open(&s->s, &o);
+  PyBuffer_Release(&info);
+  if (rc) {
+    if (rc == EM_EADDRINUSE)
+      em_py_raise(rc, "cannot listen on %s:%d: the address is already in use", host, port);
+    else
+      em_py_raise(rc, "cannot listen on %s:%d: %s", host, port, em_strerror(rc));
+    return -1;
+  }
+  return 0;
+}
+
+static PyObject *em__server_run(PyObject *self, PyObject *args) {
+  em__pyserver *s = (em__pyserver *)self;
+  int check_signals = 0;
+  if (!PyArg_ParseTuple(args, "|p", &check_signals)) return NULL;
+  if (!s->s) return em_py_raise(EM_ECLOSED, "server is closed");
+  if (s->running) return em_py_raise(EM_EINVAL, "server is already running");
+  s->running = 1;
+  s->check_signals = check_signals;
+  Py_INCREF(self); /* the loop uses us until run returns */
+  s->tstate = PyEval_SaveThread();
+  int rc = em_server_run(s->s);
+  PyEval_RestoreThread(s->tstate);
+  s->tstate = NULL;
+  s->running = 2;
+  PyObject *pending = s->pending;
+  s->pending = NULL;
+  Py_DECREF(self);
+  if (pending) {
+    PyErr_SetObject((PyObject *)Py_TYPE(pending), pending);
+    Py_DECREF(pending);
+    return NULL;
+  }
+  if (rc && rc != EM_EINTR) return em_py_raise(rc, "server stopped: %s", em_strerror(rc));
+  Py_RETURN_NONE;
+}
+
+static PyObject *em__server_stop(PyObject *self, PyObject *args) {
+  em__pyserver *s = (em__pyserver *)self;
+  double timeout = -1;
+  if (!PyArg_ParseTuple(args, "|d", &timeout)) return NULL;
+  if (!s->s) Py_RETURN_NONE;
+  em_server_stop(s->s);
+  if (em_server_on_loop_thread(s->s)) Py_RETURN_NONE; /* from a handler: run returns soon */
+  int rc;
+  em_server *ss = s->s;
+  uint64_t t = timeout < 0 ? EM_FOREVER : (uint64_t)(timeout * 1e9);
+  Py_BEGIN_ALLOW_THREADS
+  rc = em_server_wait(ss, t);
+  Py_END_ALLOW_THREADS
+  return PyBool_FromLong(rc == EM_OK);
+}
+
+static PyObject *em__server_stats(PyObject *self, PyObject *unused) {
+  em__pyserver *s = (em__pyserver *)self;
+  if (!s->s) return PyDict_New();
+  em_server_stats st;
+  em_server_get_stats(s->s, &st);
+  return Py_BuildValue("{sKsKsKsKsK}", "connections_open", st.connections_open, "connections_total",
+                       st.connections_total, "requests", st.requests, "errors_sent", st.errors_sent,
+                       "protocol_errors", st.protocol_errors);
+}
+
+static void em__server_free(em__pyserver *s) {
+  if (s->s && s->running != 1) {
+    em_server_close(s->s);
+    s->s = NULL;
+  }
+}
+
+static PyObject *em__server_close(PyObject *self, PyObject *unused) {
+  em__pyserver *s = (em__pyserver *)self;
+  if (s->running == 1) return em_py_raise(EM_EINVAL, "stop the server before closing it");
+  em__server_free(s);
+  Py_RETURN_NONE;
+}
+
+static PyObject *em__server_port(PyObject *self, void *closure) {
+  em__pyserver *s = (em__pyserver *)self;
+  if (!s->s) Py_RETURN_NONE;
+  return PyLong_FromLong(em_server_port(s->s));
+}
+
+static void em__server_dealloc(PyObject *self) {
+  em__pyserver *s = (em__pyserver *)self;
+  em__server_free(s);
+  Py_XDECREF(s->dispatch);
+  Py_XDECREF(s->format_error);
+  Py_XDECREF(s->log);
+  Py_XDECREF(s->pending);
+  Py_TYPE(self)->tp_free(self);
+}
+
+static PyMethodDef em__server_methods[] = {
+    {"run", em__server_run, METH_VARARGS, "run(check_signals=False): serve on this thread until stop()"},
+    {"stop", em__server_stop, METH_VARARGS, "stop(timeout=-1) -> bool: stop and wait for run() to return"},
+    {"stats", em__server_stats, METH_NOARGS, "counters"},
+    {"close", em__server_close, METH_NOARGS, "free the server (after run returned)"},
+    {NULL}};
+
+static PyGetSetDef em__server_getset[] = {{"port", em__server_port, NULL, "bound port", NULL}, {NULL}};
+
+static PyTypeObject em__server_type = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "edgeml._core.Server",
+    .tp_basicsize = sizeof(em__pyserver),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Server(host, port, service, dispatch, format_error, log, hello_info=b'', max_message_bytes=0)",
+    .tp_new = PyType_GenericNew,
+    .tp_init = em__server_init,
+    .tp_dealloc = em__server_dealloc,
+    .tp_methods = em__server_methods,
+    .tp_getset = em__server_getset,
+};
+
+/* ================================================================ module */
+
+static PyObject *em__error_table(PyObject *m, PyObject *unused) {
+  PyObject *l = PyList_New(0);
+#define EM__ERR_ROW(name, code, msg)                            \
+  {                                                             \
+    PyObject *row = Py_BuildValue("(sis)", #name, code, msg);   \
+    PyList_Append(l, row);                                      \
+    Py_DECREF(row);                                             \
+  }
+  EM_ERRORS(EM__ERR_ROW)
+#undef EM__ERR_ROW
+  return l;
+}
+
+static PyObject *em__configure(PyObject *m, PyObject *args, PyObject *kw) {
+  static char *kwlist[] = {"ndarray", "generic", "dtype_wire", "as_array", "contiguous", "make_array",
+                           "dtype_cache", "exc_for_code", "encode_error", "decode_error", NULL};
+  PyObject *v[10];
+  if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOOOO!O!OO", kwlist, &v[0], &v[1], &v[2], &v[3], &v[4], &v[5],
+                                   &PyDict_Type, &v[6], &PyDict_Type, &v[7], &v[8], &v[9]))
+    return NULL;
+  PyObject **slots[10] = {&em_py.ndarray_type, &em_py.generic_type, &em_py.dtype_wire, &em_py.as_array,
+                          &em_py.contiguous, &em_py.make_array, &em_py.dtype_cache, &em_py.exc_for_code,
+                          &em_py.encode_error, &em_py.decode_error};
+  for (int i = 0; i < 10; i++) {
+    Py_INCREF(v[i]);
+    Py_XSETREF(*slots[i], v[i]);
+  }
+  Py_RETURN_NONE;
+}
+
+/* encode(obj) -> (body bytes, [blob memoryviews]) and decode_frame(bytes):
+ * the codec without sockets, for tests and test vectors. */
+static PyObject *em__encode_frame(PyObject *m, PyObject *args) {
+  PyObject *obj;
+  int type = EM_MSG_REPLY;
+  unsigned long long req_id = 0;
+  if (!PyArg_ParseTuple(args, "O|iK", &obj, &type, &req_id)) return NULL;
+  em_payload p;
+  if (em_payload_init(&p)) return PyErr_NoMemory();
+  em_py_keep keep = {0};
+  PyObject *out = NULL;
+  if (em_py_encode(&p, &keep, obj, "payload") == 0) {
+    size_t cap = em__payload_iov_cap(&p);
+    struct iovec *iov = PyMem_Malloc(cap * sizeof *iov);
+    uint64_t flen;
+    uint64_t ts[4] = {0, 0, 0, 0};
+    int n = iov ? em__payload_frame(&p, (uint8_t)type, 0, req_id, ts, iov, &flen) : EM_ENOMEM;
+    if (n >= 0) {
+      out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)flen);
+      if (out) {
+        char *d = PyBytes_AS_STRING(out);
+        for (int i = 0; i < n; i++) {
+          memcpy(d, iov[i].iov_base, iov[i].iov_len);
+          d += iov[i].iov_len;
+        }
+      }
+    } else {
+      em_py_raise(n, "cannot frame the payload: %s", em_strerror(n));
+    }
+    PyMem_Free(iov);
+  }
+  em_py_keep_release(&keep);
+  PyMem_Free(keep.views);
+  em_payload_destroy(&p);
+  return out;
+}
+
+static PyObject *em__decode_frame(PyObject *m, PyObject *args) {
+  Py_buffer b;
+  unsigned long long max_bytes = EM__DEFAULT_MAX_MESSAGE;
+  if (!PyArg_ParseTuple(args, "y*|K", &b, &max_bytes)) return NULL;
+  em_pool *pool = em__pool_new(0);
+  em__reader r;
+  PyObject *out = NULL;
+  if (!pool || em__reader_init(&r, pool, max_bytes)) {
+    PyBuffer_Release(&b);
+    if (pool) em__pool_release(pool);
+    return PyErr_NoMemory();
+  }
+  size_t off = 0;
+  em_msg *msg = NULL;
+  const char *why = "truncated frame";
+  int rc = 0;
+  while (rc == 0 && off < (size_t)b.len) {
+    uint8_t *dst;
+    size_t n;
+    em__reader_region(&r, &dst, &n);
+    n = EM__MIN(n, (size_t)b.len - off);
+    memcpy(dst, (const uint8_t *)b.buf + off, n);
+    off += n;
+    em__reader_commit(&r, n);
+    rc = em__reader_next(&r, &msg, &why);
+  }
+  if (rc == 1) {
+    PyObject *v = em_py_decode(msg, NULL);
+    if (v)
+      out = Py_BuildValue("{sisKsNsn}", "type", msg->type, "req_id", (unsigned long long)msg->req_id,
+                          "payload", v, "frame_bytes", (Py_ssize_t)msg->frame_bytes);
+    em_msg_free(msg);
+  } else {
+    em_py_raise(rc ? rc : EM_EPROTO, "bad frame: %s", why);
+  }
+  em__reader_destroy(&r);
+  em__pool_release(pool);
+  PyBuffer_Release(&b);
+  return out;
+}
+
+static PyMethodDef em__module_methods[] = {
+    {"error_table", em__error_table, METH_NOARGS, "[(name, code, message)] of the C error table"},
+    {"configure", (PyCFunction)(void (*)(void))em__configure, METH_VARARGS | METH_KEYWORDS, "set codec hooks"},
+    {"encode_frame", em__encode_frame, METH_VARARGS, "encode_frame(obj, type=REPLY, req_id=0) -> bytes"},
+    {"decode_frame", em__decode_frame, METH_VARARGS, "decode_frame(bytes, max_bytes) -> dict"},
+    {NULL}};
+
+static struct PyModuleDef em__module = {PyModuleDef_HEAD_INIT, "edgeml._core", "libedgeml bindings (private)", -1,
+                                        em__module_methods};
+
+PyMODINIT_FUNC PyInit__core(void) {
+  if (PyType_Ready(&em__client_type) < 0 || PyType_Ready(&em__server_type) < 0 ||
+      PyType_Ready(&em_py_framebuf_type) < 0)
+    return NULL;
+  PyObject *m = PyModule_Create(&em__module);
+  if (!m) return NULL;
+  Py_INCREF(&em__client_type);
+  PyModule_AddObject(m, "Client", (PyObject *)&em__client_type);
+  Py_INCREF(&em__server_type);
+  PyModule_AddObject(m, "Server", (PyObject *)&em__server_type);
+  Py_INCREF(&em_py_framebuf_type);
+  PyModule_AddObject(m, "FrameBuffer", (PyObject *)&em_py_framebuf_type);
+  PyModule_AddIntConstant(m, "PROTOCOL_VERSION", EM_PROTOCOL_VERSION);
+  PyModule_AddIntConstant(m, "MSG_REQUEST", EM_MSG_REQUEST);
+  PyModule_AddIntConstant(m, "MSG_REPLY", EM_MSG_REPLY);
+  PyModule_AddIntConstant(m, "MSG_PING", EM_MSG_PING);
+  PyModule_AddIntConstant(m, "MSG_ERROR", EM_MSG_ERROR);
+  PyModule_AddIntConstant(m, "DEFAULT_MAX_MESSAGE_BYTES", (long)EM__DEFAULT_MAX_MESSAGE);
+  PyModule_AddStringConstant(m, "VERSION", EM_VERSION_STRING);
+  return m;
+}

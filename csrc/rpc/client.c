@@ -1,0 +1,336 @@
+/* client.c: an edgeml client: one TCP connection, calls multiplexed by
+ * request id, and no I/O thread: each calling thread writes its own
+ * request, and one waiting caller at a time (the "reader") reads frames
+ * and hands replies to their callers (leader/follower). With a single call
+ * in flight, the caller reads its own reply: no thread handoff at all.
+ *
+ * Locks: wmu (serialises writes and reconnects) is taken before mu (all
+ * other state). The reader reads without holding mu. */
+#include "em_rpc.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+typedef struct em__slot {
+  uint64_t id, gen;
+  em_msg *reply;
+  int rc;
+  bool done;
+  struct em__slot *prev, *next;
+} em__slot;
+
+struct em_client {
+  char *host;
+  uint16_t port;
+  em_client_opts opts;
+  uint64_t max_frame;
+  em_pool *pool;
+  pthread_mutex_t wmu;
+  pthread_mutex_t mu;
+  pthread_cond_t cv;
+  int fd;          /* -1 when disconnected; guarded by mu (+wmu to change) */
+  uint64_t gen;    /* connection generation, guarded by mu */
+  bool reader_busy, closed;
+  bool broken;     /* the connection failed; re-dial at the next call */
+  int users;       /* threads inside calls; guarded by mu */
+  em__reader reader; /* used only by the thread holding reader_busy */
+  em__slot *slots;   /* guarded by mu */
+  uint64_t next_id;  /* guarded by wmu */
+  uint8_t *hello;
+  size_t hello_len;
+};
+
+static void em__cond_wait_until(pthread_cond_t *cv, pthread_mutex_t *mu, uint64_t deadline_mono) {
+  if (deadline_mono == EM_FOREVER) {
+    /* wake up now and then so a missed broadcast can never hang a caller */
+    deadline_mono = em_mono_ns() + 1000000000ull;
+  }
+  struct timespec ts = {.tv_sec = (time_t)(deadline_mono / 1000000000ull), .tv_nsec = (long)(deadline_mono % 1000000000ull)};
+  pthread_cond_timedwait(cv, mu, &ts);
+}
+
+/* Fail every call on the current connection and drop it. mu held. The fd
+ * is shut down here and closed by the next reconnect (no reader or writer
+ * can be using it by then). */
+static void em__break(em_client *c, int rc) {
+  if (c->fd >= 0) shutdown(c->fd, SHUT_RDWR);
+  c->broken = true;
+  c->gen++;
+  for (em__slot *s = c->slots; s; s = s->next) {
+    if (!s->done) {
+      s->done = true;
+      s->rc = rc;
+    }
+  }
+  pthread_cond_broadcast(&c->cv);
+}
+
+/* Dial and handshake. wmu and mu held, no reader active. */
+static int em__connect(em_client *c, uint64_t deadline) {
+  if (c->fd >= 0) {
+    close(c->fd);
+    c->fd = -1;
+  }
+  em__reader_reset(&c->reader);
+  int fd = -1;
+  int rc = em__dial(c->host, c->port, deadline, &fd);
+  if (rc) return rc;
+  em_payload p;
+  if (em_payload_init(&p)) {
+    close(fd);
+    return EM_ENOMEM;
+  }
+  msgpack_pack_map(&p.pk, c->opts.service ? 3 : 2);
+  msgpack_pack_str_with_body(&p.pk, "proto", 5);
+  msgpack_pack_uint32(&p.pk, EM_PROTOCOL_VERSION);
+  msgpack_pack_str_with_body(&p.pk, "role", 4);
+  msgpack_pack_str_with_body(&p.pk, "client", 6);
+  if (c->opts.service) {
+    msgpack_pack_str_with_body(&p.pk, "service", 7);
+    msgpack_pack_str_with_body(&p.pk, c->opts.service, strlen(c->opts.service));
+  }
+  struct iovec iov[1];
+  uint64_t flen;
+  uint64_t ts[4] = {em_now_ns(), 0, 0, 0};
+  int n = em__payload_frame(&p, EM_MSG_HELLO, 0, 0, ts, iov, &flen);
+  rc = n < 0 ? n : em__writev_all(fd, iov, n, deadline);
+  em_payload_destroy(&p);
+  em_msg *m = NULL;
+  const char *why;
+  if (!rc) {
+    do rc = em__read_frame(fd, &c->reader, deadline, &m, &why);
+    while (rc == EM_EINTR);
+    if (rc == 1) rc = EM_OK;
+    else if (rc == EM_ECONNCLOSED) rc = EM_EHANDSHAKE; /* closed on us: rejected */
+  }
+  if (!rc) {
+    msgpack_zone zone;
+    msgpack_zone_init(&zone, 512);
+    msgpack_object o;
+    if (m->type == EM_MSG_ERROR) rc = EM_EHANDSHAKE;
+    else if (m->type != EM_MSG_HELLO || em_msg_unpack(m, &zone, &o) || o.type != MSGPACK_OBJECT_MAP) rc = EM_EPROTO;
+    msgpack_zone_destroy(&zone);
+    if (rc == EM_EHANDSHAKE || !rc) {
+      free(c->hello);
+      c->hello = malloc(m->body_len);
+      if (c->hello) memcpy(c->hello, m->body, m->body_len);
+      c->hello_len = c->hello ? m->body_len : 0;
+    }
+  }
+  em_msg_free(m);
+  if (rc) {
+    close(fd);
+    em__reader_reset(&c->reader);
+    return rc;
+  }
+  c->fd = fd;
+  c->broken = false;
+  return EM_OK;
+}
+
+int em_client_open(em_client **out, const char *host, uint16_t port, const em_client_opts *opts) {
+  *out = NULL;
+  em_client *c = calloc(1, sizeof *c);
+  if (!c) return EM_ENOMEM;
+  if (opts) c->opts = *opts;
+  c->host = strdup(host);
+  if (c->opts.service) c->opts.service = strdup(c->opts.service);
+  c->port = port;
+  c->fd = -1;
+  c->next_id = 1;
+  c->max_frame = c->opts.max_message_bytes ? c->opts.max_message_bytes : EM__DEFAULT_MAX_MESSAGE;
+  c->pool = em__pool_new(256u << 20);
+  pthread_mutex_init(&c->wmu, NULL);
+  pthread_mutex_init(&c->mu, NULL);
+  pthread_condattr_t ca;
+  pthread_condattr_init(&ca);
+  pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+  pthread_cond_init(&c->cv, &ca);
+  pthread_condattr_destroy(&ca);
+  int rc = (c->pool && c->host) ? em__reader_init(&c->reader, c->pool, c->max_frame) : EM_ENOMEM;
+  if (!rc) {
+    uint64_t start = em_mono_ns();
+    uint64_t deadline = start + c->opts.connect_timeout_ns;
+    uint64_t backoff = 20000000ull; /* 20 ms, doubling to 500 ms */
+    pthread_mutex_lock(&c->wmu);
+    pthread_mutex_lock(&c->mu);
+    for (;;) {
+      uint64_t now = em_mono_ns();
+      /* each attempt may take up to 10 s or what is left of the window */
+      uint64_t att = now + EM__MAX(10000000000ull, c->opts.connect_timeout_ns);
+      rc = em__connect(c, att);
+      if (rc != EM_ECONNREFUSED || em_mono_ns() + backoff > deadline) break;
+      struct timespec ts = {.tv_sec = 0, .tv_nsec = (long)backoff};
+      nanosleep(&ts, NULL);
+      backoff = EM__MIN(backoff * 2, 500000000ull);
+    }
+    pthread_mutex_unlock(&c->mu);
+    pthread_mutex_unlock(&c->wmu);
+  }
+  if (rc) {
+    em_client_close(c);
+    return rc;
+  }
+  *out = c;
+  return EM_OK;
+}
+
+const uint8_t *em_client_server_hello(em_client *c, size_t *len) {
+  *len = c->hello_len;
+  return c->hello;
+}
+
+int em_client_request(em_client *c, uint8_t type, em_payload *p, uint64_t timeout_ns, em_msg **reply) {
+  *reply = NULL;
+  uint64_t deadline = timeout_ns == EM_FOREVER ? EM_FOREVER : em_mono_ns() + timeout_ns;
+  em__slot slot;
+  memset(&slot, 0, sizeof slot);
+  struct iovec iov_small[9];
+  struct iovec *iov = iov_small;
+  size_t cap = em__payload_iov_cap(p);
+  if (cap > 9 && !(iov = malloc(cap * sizeof *iov))) return EM_ENOMEM;
+
+  pthread_mutex_lock(&c->wmu);
+  pthread_mutex_lock(&c->mu);
+  if (c->closed) {
+    pthread_mutex_unlock(&c->mu);
+    pthread_mutex_unlock(&c->wmu);
+    if (iov != iov_small) free(iov);
+    return EM_ECLOSED;
+  }
+  c->users++;
+  int rc = EM_OK;
+  if (c->fd < 0 || c->broken) {
+    while (c->reader_busy) em__cond_wait_until(&c->cv, &c->mu, deadline);
+    rc = em__connect(c, deadline);
+  }
+  uint64_t gen = c->gen;
+  if (!rc) {
+    slot.id = c->next_id++;
+    slot.gen = gen;
+    slot.next = c->slots;
+    if (c->slots) c->slots->prev = &slot;
+    c->slots = &slot;
+  }
+  int fd = c->fd;
+  pthread_mutex_unlock(&c->mu);
+  if (!rc) {
+    uint64_t frame_len;
+    uint64_t ts[4] = {em_now_ns(), 0, 0, 0};
+    int n = em__payload_frame(p, type, 0, slot.id, ts, iov, &frame_len);
+    if (n < 0) rc = n;
+    else if (frame_len > c->max_frame) rc = EM_ETOOBIG;
+    else rc = em__writev_all(fd, iov, n, deadline);
+    if (rc && n >= 0 && rc != EM_ETOOBIG) {
+      /* part of a frame may be out: the stream is unusable */
+      pthread_mutex_lock(&c->mu);
+      if (c->gen == gen) em__break(c, rc == EM_ETIMEDOUT ? EM_ECONNCLOSED : rc);
+      pthread_mutex_unlock(&c->mu);
+    }
+  }
+  pthread_mutex_unlock(&c->wmu);
+  if (iov != iov_small) free(iov);
+
+  pthread_mutex_lock(&c->mu);
+  if (rc) goto out; /* (slot may be registered; removed below) */
+  for (;;) {
+    if (slot.done) {
+      rc = slot.rc;
+      break;
+    }
+    if (c->closed) {
+      rc = EM_ECLOSED;
+      break;
+    }
+    if (!c->reader_busy) {
+      c->reader_busy = true;
+      int rfd = c->fd;
+      uint64_t rgen = c->gen;
+      pthread_mutex_unlock(&c->mu);
+      em_msg *m = NULL;
+      const char *why = NULL;
+      int r = em__read_frame(rfd, &c->reader, deadline, &m, &why);
+      if (r == EM_EINTR && (!c->opts.check_interrupt || c->opts.check_interrupt(c->opts.interrupt_ud) == 0))
+        r = 0; /* a signal that asks nothing of us: keep going */
+      pthread_mutex_lock(&c->mu);
+      c->reader_busy = false;
+      if (r == 1) {
+        for (em__slot *s = c->slots; s; s = s->next) {
+          if (s->id == m->req_id && s->gen == rgen && !s->done) {
+            s->reply = m;
+            s->done = true;
+            s->rc = EM_OK;
+            m = NULL;
+            break;
+          }
+        }
+        em_msg_free(m); /* a reply nobody waits for (its caller timed out) */
+      } else if (r == EM_EINTR) {
+        rc = EM_EINTR;
+        pthread_cond_broadcast(&c->cv);
+        break;
+      } else if (r == EM_ETIMEDOUT || r == 0) {
+        /* our deadline: give the reader role to someone else */
+      } else if (c->gen == rgen) {
+        em__break(c, r == EM_ENOMEM || r == EM_ETOOBIG || r == EM_EPROTO || r == EM_EVERSION ? r : EM_ECONNCLOSED);
+      }
+      pthread_cond_broadcast(&c->cv);
+      if (!slot.done && deadline != EM_FOREVER && em_mono_ns() >= deadline) {
+        rc = EM_ETIMEDOUT;
+        break;
+      }
+      continue;
+    }
+    if (deadline != EM_FOREVER && em_mono_ns() >= deadline) {
+      rc = EM_ETIMEDOUT;
+      break;
+    }
+    em__cond_wait_until(&c->cv, &c->mu, deadline);
+  }
+out:
+  if (slot.id) { /* unlink */
+    if (slot.prev) slot.prev->next = slot.next;
+    else if (c->slots == &slot) c->slots = slot.next;
+    if (slot.next) slot.next->prev = slot.prev;
+  }
+  c->users--;
+  pthread_cond_broadcast(&c->cv);
+  pthread_mutex_unlock(&c->mu);
+  if (rc == EM_OK && slot.reply) {
+    if (slot.reply->type == EM_MSG_ERROR) rc = EM_EREMOTE;
+    *reply = slot.reply;
+  } else if (slot.reply) {
+    em_msg_free(slot.reply);
+  }
+  return rc;
+}
+
+void em_client_shutdown(em_client *c) {
+  pthread_mutex_lock(&c->mu);
+  c->closed = true;
+  if (c->fd >= 0) shutdown(c->fd, SHUT_RDWR);
+  pthread_cond_broadcast(&c->cv);
+  pthread_mutex_unlock(&c->mu);
+}
+
+void em_client_close(em_client *c) {
+  if (!c) return;
+  em_client_shutdown(c);
+  pthread_mutex_lock(&c->mu);
+  while (c->users > 0) em__cond_wait_until(&c->cv, &c->mu, em_mono_ns() + 100000000ull);
+  pthread_mutex_unlock(&c->mu);
+  if (c->fd >= 0) close(c->fd);
+  em__reader_destroy(&c->reader);
+  if (c->pool) em__pool_release(c->pool);
+  pthread_mutex_destroy(&c->wmu);
+  pthread_mutex_destroy(&c->mu);
+  pthread_cond_destroy(&c->cv);
+  free(c->hello);
+  free((char *)c->opts.service);
+  free(c->host);
+  free(c);
+}

@@ -1,0 +1,180 @@
+/* server.c: an edgeml server: the handshake, then each REQUEST runs the
+ * user's handler on the loop thread and its reply is written from there
+ * (run-to-completion: no thread handoff on the request path). */
+#include "em_rpc.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+
+struct em_server {
+  em__listener *l;
+  em_server_opts opts;
+  char *service;
+  uint8_t *hello_info;
+  em_payload reply; /* loop thread only; reused for every reply */
+  atomic_ullong n_requests, n_errors;
+};
+
+bool em__obj_streq(const msgpack_object *o, const char *s) {
+  size_t n = strlen(s);
+  return o && o->type == MSGPACK_OBJECT_STR && o->via.str.size == n && memcmp(o->via.str.ptr, s, n) == 0;
+}
+
+static void em__pack_cstr(msgpack_packer *pk, const char *s) {
+  msgpack_pack_str_with_body(pk, s, strlen(s));
+}
+
+int em__pack_error(em_payload *p, const char *type, const char *message, const char *traceback) {
+  msgpack_pack_map(&p->pk, 3);
+  em__pack_cstr(&p->pk, "type");
+  em__pack_cstr(&p->pk, type);
+  em__pack_cstr(&p->pk, "message");
+  em__pack_cstr(&p->pk, message);
+  em__pack_cstr(&p->pk, "traceback");
+  em__pack_cstr(&p->pk, traceback ? traceback : "");
+  return EM_OK;
+}
+
+static void em__handshake(em_server *s, em__conn *c, em_msg *m) {
+  msgpack_zone zone;
+  msgpack_zone_init(&zone, 1024);
+  msgpack_object o;
+  char why[256];
+  why[0] = 0;
+  if (m->type != EM_MSG_HELLO) {
+    snprintf(why, sizeof why, "expected HELLO, got message type %u", m->type);
+  } else if (em_msg_unpack(m, &zone, &o) != EM_OK || o.type != MSGPACK_OBJECT_MAP) {
+    snprintf(why, sizeof why, "malformed HELLO");
+  } else {
+    const msgpack_object *proto = em_obj_get(&o, "proto");
+    const msgpack_object *svc = em_obj_get(&o, "service");
+    if (!proto || proto->type != MSGPACK_OBJECT_POSITIVE_INTEGER || proto->via.u64 != EM_PROTOCOL_VERSION) {
+      snprintf(why, sizeof why, "client speaks another protocol version (server: %d)", EM_PROTOCOL_VERSION);
+    } else if (svc && svc->type == MSGPACK_OBJECT_STR && !em__obj_streq(svc, s->service)) {
+      snprintf(why, sizeof why, "client expects a '%.*s' server, this is a '%s' server",
+               (int)EM__MIN(svc->via.str.size, 64u), svc->via.str.ptr, s->service);
+    }
+  }
+  msgpack_zone_destroy(&zone);
+  em_payload *p = &s->reply;
+  if (why[0]) {
+    em__pack_error(p, "HandshakeError", why, NULL);
+    em__conn_send(c, p, EM_MSG_ERROR, m->req_id, NULL);
+    em__conn_close(c, EM_LOG_WARNING, why);
+    return;
+  }
+  msgpack_pack_map(&p->pk, s->hello_info ? 3 : 2);
+  em__pack_cstr(&p->pk, "proto");
+  msgpack_pack_uint32(&p->pk, EM_PROTOCOL_VERSION);
+  em__pack_cstr(&p->pk, "service");
+  em__pack_cstr(&p->pk, s->service);
+  if (s->hello_info) {
+    em__pack_cstr(&p->pk, "info");
+    msgpack_sbuffer_write(&p->sbuf, (const char *)s->hello_info, s->opts.hello_info_len);
+  }
+  em__conn_send(c, p, EM_MSG_HELLO, m->req_id, NULL);
+  *em__conn_state(c) = 1;
+}
+
+static void em__on_frame(void *ud, em__conn *c, em_msg *m) {
+  em_server *s = ud;
+  uint64_t t_recv = em_now_ns();
+  if (*em__conn_state(c) == 0) {
+    em__handshake(s, c, m);
+    em_msg_free(m);
+    return;
+  }
+  em_payload *p = &s->reply;
+  if (m->type == EM_MSG_PING) {
+    msgpack_pack_nil(&p->pk);
+    uint64_t ts[4] = {0, t_recv, t_recv, t_recv};
+    em__conn_send(c, p, EM_MSG_PONG, m->req_id, ts);
+  } else if (m->type == EM_MSG_REQUEST) {
+    const char *why = NULL;
+    if (em__body_check(m, &why) != EM_OK) {
+      em__conn_close(c, EM_LOG_WARNING, why);
+      em_msg_free(m);
+      return;
+    }
+    atomic_fetch_add(&s->n_requests, 1);
+    uint64_t t_start = em_now_ns();
+    int type = s->opts.handler(s->opts.handler_ud, m, p);
+    uint64_t t_end = em_now_ns();
+    if (type == EM_MSG_REPLY || type == EM_MSG_ERROR) {
+      if (type == EM_MSG_ERROR) atomic_fetch_add(&s->n_errors, 1);
+      uint64_t ts[4] = {0, t_recv, t_start, t_end};
+      em__conn_send(c, p, (uint8_t)type, m->req_id, ts);
+    } else {
+      em_payload_reset(p);
+      em__conn_close(c, EM_LOG_WARNING, "the handler rejected a request");
+    }
+  } else {
+    char why[64];
+    snprintf(why, sizeof why, "unexpected message type %u", m->type);
+    em__conn_close(c, EM_LOG_WARNING, why);
+  }
+  em_msg_free(m);
+}
+
+static int em__on_tick(void *ud) {
+  em_server *s = ud;
+  return s->opts.tick(s->opts.tick_ud);
+}
+
+int em_server_open(em_server **out, const em_server_opts *opts) {
+  *out = NULL;
+  if (!opts || !opts->handler) return EM_EINVAL;
+  em_server *s = calloc(1, sizeof *s);
+  if (!s) return EM_ENOMEM;
+  s->opts = *opts;
+  s->service = strdup(opts->service ? opts->service : "edgeml");
+  if (opts->hello_info && opts->hello_info_len) {
+    s->hello_info = malloc(opts->hello_info_len);
+    if (s->hello_info) memcpy(s->hello_info, opts->hello_info, opts->hello_info_len);
+  }
+  if (em_payload_init(&s->reply) != EM_OK) {
+    free(s->service);
+    free(s->hello_info);
+    free(s);
+    return EM_ENOMEM;
+  }
+  em_pool *pool = em__pool_new(256u << 20);
+  em__listener_cbs cbs = {.ud = s, .on_frame = em__on_frame, .on_tick = opts->tick ? em__on_tick : NULL,
+                          .tick_ns = opts->tick_ns, .log = opts->log, .log_ud = opts->log_ud};
+  int rc = pool ? EM_OK : EM_ENOMEM;
+  if (!rc) {
+    rc = em__listener_open(&s->l, opts->host ? opts->host : "0.0.0.0", opts->port, pool,
+                           opts->max_message_bytes ? opts->max_message_bytes : EM__DEFAULT_MAX_MESSAGE, &cbs);
+    em__pool_release(pool);
+  }
+  if (rc) {
+    em_payload_destroy(&s->reply);
+    free(s->service);
+    free(s->hello_info);
+    free(s);
+    return rc;
+  }
+  *out = s;
+  return EM_OK;
+}
+
+uint16_t em_server_port(const em_server *s) { return em__listener_port(s->l); }
+int em_server_run(em_server *s) { return em__listener_run(s->l); }
+void em_server_stop(em_server *s) { em__listener_stop(s->l); }
+int em_server_wait(em_server *s, uint64_t timeout_ns) { return em__listener_wait(s->l, timeout_ns); }
+int em_server_on_loop_thread(const em_server *s) { return em__listener_on_loop_thread(s->l); }
+
+void em_server_get_stats(const em_server *s, em_server_stats *st) {
+  em__listener_counts(s->l, &st->connections_open, &st->connections_total, &st->protocol_errors);
+  st->requests = atomic_load(&((em_server *)s)->n_requests);
+  st->errors_sent = atomic_load(&((em_server *)s)->n_errors);
+}
+
+void em_server_close(em_server *s) {
+  if (!s) return;
+  em__listener_close(s->l);
+  em_payload_destroy(&s->reply);
+  free(s->service);
+  free(s->hello_info);
+  free(s);
+}

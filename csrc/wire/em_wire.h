@@ -1,0 +1,81 @@
+/* em_wire.h: the frame format and the body codec helpers (pure functions
+ * over memory, no I/O, no threads; the fuzz targets call these). The exact
+ * layout is in docs/protocol.md. */
+#ifndef EM_WIRE_H
+#define EM_WIRE_H
+
+#include "../base/em_base.h"
+
+#include <sys/uio.h>
+
+#define EM__MAGIC0 'E'
+#define EM__MAGIC1 'D'
+#define EM__MAGIC2 'G'
+#define EM__MAGIC3 'M'
+#define EM__MAX_BLOBS 65536u
+#define EM__MAX_DEPTH 32 /* msgpack-c's unpacker stack (MSGPACK_EMBED_STACK_SIZE) */
+
+typedef struct em__hdr {
+  uint8_t version, type;
+  uint16_t flags;
+  uint64_t req_id;
+  uint32_t body_len, nblobs;
+  uint64_t frame_len;
+  uint64_t ts_ns[4];
+} em__hdr;
+
+/* Parse and check the fixed header (EM_FRAME_HEADER_BYTES at p). Checks
+ * magic, version, type != 0, blob count, and that frame_len can hold the
+ * body and blob table and is <= max_frame. On error returns EPROTO,
+ * EVERSION or ETOOBIG and points *why at a static reason. */
+int em__hdr_parse(const uint8_t *p, uint64_t max_frame, em__hdr *h, const char **why);
+void em__hdr_write(uint8_t *p, const em__hdr *h);
+
+/* Build an em_msg from a complete frame in `buf` (takes the reference on
+ * success; on failure the caller keeps it). Checks the blob table against
+ * frame_len. */
+int em__frame_finish(em_buf *buf, const em__hdr *h, em_msg **out, const char **why);
+
+/* Finish a payload into a frame: write the header at the front of its
+ * buffer, append the blob table and padding, and fill `iov` (capacity
+ * 1 + 2 * nblobs) with the pieces to write in order. Returns the number of
+ * iovecs; *frame_len receives the total size. Call once per payload. */
+int em__payload_frame(em_payload *p, uint8_t type, uint16_t flags, uint64_t req_id,
+                      const uint64_t ts_ns[4], struct iovec *iov, uint64_t *frame_len);
+/* Patch timestamp i of a finished payload's header (before sending). */
+void em__payload_set_ts(em_payload *p, int i, uint64_t ts_ns);
+size_t em__payload_iov_cap(const em_payload *p);
+
+/* Check a msgpack body (see em_msg_unpack). EM_OK or EM_EDECODE + reason. */
+int em__body_check(const em_msg *m, const char **why);
+
+/* Parse an array ext's data; checks it against the message's blobs. */
+int em__array_parse(const em_msg *m, const uint8_t *data, size_t len, em_array *a, const char **why);
+
+/* Incremental frame reader over a byte stream. Small frames are read into a
+ * 64 KiB staging area and copied into a pooled buffer; the rest of a large
+ * frame is read straight into its pooled buffer (region() points there).
+ * One thread at a time. */
+typedef struct em__reader {
+  em_pool *pool;
+  uint64_t max_frame;
+  uint8_t *stage;
+  size_t stage_cap, stage_start, stage_end;
+  em_buf *cur; /* frame being assembled, or NULL */
+  size_t cur_have;
+  em__hdr cur_hdr;
+} em__reader;
+
+int em__reader_init(em__reader *r, em_pool *pool, uint64_t max_frame);
+void em__reader_destroy(em__reader *r);
+void em__reader_reset(em__reader *r);
+/* Where the next bytes from the stream should go, and how many fit. */
+void em__reader_region(em__reader *r, uint8_t **p, size_t *n);
+void em__reader_commit(em__reader *r, size_t n);
+/* 1 and *out when a whole frame is in, 0 when more bytes are needed, or a
+ * negative code (+ *why) when the stream is malformed (close it). */
+int em__reader_next(em__reader *r, em_msg **out, const char **why);
+/* True when part of a frame has been read but not all of it. */
+bool em__reader_mid_frame(const em__reader *r);
+
+#endif

@@ -1,0 +1,250 @@
+"""What every edgeml server and client shares: lifecycle (start/stop,
+threads, context manager, repr) and calls with timeouts and typed errors.
+The role classes (InferenceServer, ...) add their own API on top."""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import traceback
+from typing import Any, Callable, Optional
+
+from . import _codec  # noqa: F401  (installs the codec hooks)
+from . import _core, errors
+
+log = logging.getLogger("edgeml")
+
+_LEVELS = {10: logging.DEBUG, 20: logging.INFO, 30: logging.WARNING, 40: logging.ERROR}
+
+DEFAULT_TIMEOUT = 30.0
+
+
+def _format_error(exc: BaseException) -> dict:
+    """The ERROR reply's map for an exception raised by a handler."""
+    info = {
+        "type": errors.wire_name(exc),
+        "message": str(exc),
+        "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+    }
+    if isinstance(exc, errors.UnknownInterfaceError):
+        info["interfaces"] = list(exc.interfaces)
+    return info
+
+
+def _log_from_core(level: int, msg: str) -> None:
+    log.log(_LEVELS.get(level, logging.INFO), msg)
+
+
+class ServerBase:
+    """A server: bound by ``start()``, served on the calling thread or on a
+    thread of its own (``threaded=True``), stopped by ``stop()`` from any
+    thread. Handlers run one at a time on the serving thread."""
+
+    _service = "edgeml"
+
+    def __init__(self, port: int, host: str = "0.0.0.0", *, max_message_bytes: Optional[int] = None):
+        if not isinstance(port, int) or not 0 <= port <= 65535:
+            raise ValueError(f"port must be an int in 0..65535, got {port!r}")
+        self._host = host
+        self._requested_port = port
+        self._max_message_bytes = int(max_message_bytes or 0)
+        self._core: Optional[_core.Server] = None
+        self._thread: Optional[threading.Thread] = None
+        self._lock = threading.Lock()
+        self._state = "created"
+        self._error: Optional[BaseException] = None
+
+    # -- subclasses provide these
+    def _dispatch(self, method: str, payload: Any) -> Any:  # pragma: no cover
+        raise NotImplementedError
+
+    def _hello_info(self) -> Any:
+        return None
+
+    # -- lifecycle
+    @property
+    def port(self) -> int:
+        """The bound port (the real one when constructed with port 0), once started."""
+        c = self._core
+        if c is not None and c.port is not None:
+            return c.port
+        return getattr(self, "_bound_port", self._requested_port)
+
+    @property
+    def host(self) -> str:
+        return self._host
+
+    @property
+    def running(self) -> bool:
+        return self._state == "running"
+
+    def start(self, threaded: bool = False) -> None:
+        """Bind the port and serve. ``threaded=False`` blocks until ``stop()``
+        (from another thread or a handler) or Ctrl-C; ``threaded=True``
+        returns at once, serving on a daemon thread. Binding errors (port in
+        use) are raised here in both cases."""
+        with self._lock:
+            if self._state in ("running", "starting"):
+                raise RuntimeError(f"{type(self).__name__} is already running on port {self.port}")
+            info = self._hello_info()
+            hello = b""
+            if info is not None:
+                hello = _hello_bytes(info)
+            self._core = _core.Server(self._host, self._requested_port, self._service, self._dispatch,
+                                      _format_error, _log_from_core, hello, self._max_message_bytes)
+            self._bound_port = self._core.port
+            self._state = "running"
+        if threaded:
+            t = threading.Thread(target=self._serve, args=(False,), daemon=True,
+                                 name=f"edgeml-{type(self).__name__}-{self.port}")
+            self._thread = t
+            t.start()
+        else:
+            self._serve(threading.current_thread() is threading.main_thread())
+
+    def _serve(self, check_signals: bool) -> None:
+        core = self._core
+        try:
+            core.run(check_signals)
+        except BaseException as e:  # Ctrl-C in a blocking start(): stop cleanly, then re-raise
+            self._error = e
+            raise
+        finally:
+            with self._lock:
+                self._state = "stopped"
+                if self._core is core:
+                    core.close()
+
+    def stop(self, timeout: Optional[float] = None) -> None:
+        """Stop serving: no new connections, replies already computed are
+        sent, the port is free when this returns. Safe from any thread
+        (including a handler, where it returns at once and the server stops
+        after the handler) and safe to call more than once."""
+        core = self._core
+        if core is None or self._state != "running":
+            return
+        finished = core.stop(-1.0 if timeout is None else float(timeout))
+        t = self._thread
+        if t is not None and t is not threading.current_thread() and finished:
+            t.join(timeout)
+
+    def __enter__(self):
+        if self._state != "running":
+            self.start(threaded=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stats(self) -> dict:
+        """Counters: connections open and total, requests, errors sent."""
+        c = self._core
+        return c.stats() if c is not None and self._state == "running" else {}
+
+    def _repr_extra(self) -> str:
+        return ""
+
+    def __repr__(self) -> str:
+        s = f"<{type(self).__name__} {self._host}:{self.port} {self._state}"
+        st = self.stats()
+        if st:
+            s += f" connections={st['connections_open']} requests={st['requests']} errors={st['errors_sent']}"
+        return s + self._repr_extra() + ">"
+
+
+def _hello_bytes(info: Any) -> bytes:
+    """msgpack bytes of a value (the body of a frame, without arrays)."""
+    frame = _core.encode_frame(info)
+    body_len = int.from_bytes(frame[16:20], "little")
+    return frame[64:64 + body_len]
+
+
+class ClientBase:
+    """A connection to one server; thread-safe (calls are multiplexed on one
+    connection). Broken connections are re-dialled at the next call."""
+
+    _service: Optional[str] = None
+
+    def __init__(self, host: str, port: int, *, timeout: Optional[float] = DEFAULT_TIMEOUT,
+                 connect_timeout: float = 5.0, max_message_bytes: Optional[int] = None):
+        if not isinstance(port, int) or not 0 < port <= 65535:
+            raise ValueError(f"port must be an int in 1..65535, got {port!r}")
+        self.host = host
+        self.port = port
+        self.timeout = timeout
+        self._executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        self._exec_lock = threading.Lock()
+        self._core = _core.Client(host, port, self._service, float(connect_timeout), int(max_message_bytes or 0))
+
+    def _timeout(self, timeout: Optional[float]) -> float:
+        t = self.timeout if timeout is None else timeout
+        if t is None:
+            return -1.0
+        t = float(t)
+        if t < 0:
+            raise ValueError(f"timeout must be >= 0 or None, got {t}")
+        return t
+
+    def _request(self, method: str, payload: Any, timeout: Optional[float] = None) -> Any:
+        core = self._core
+        if core is None:
+            raise errors.ClosedError(f"client for {self.host}:{self.port} is closed")
+        ok, value = core.call(method, payload, self._timeout(timeout))
+        if ok:
+            return value
+        raise errors.from_error_reply(value)
+
+    def _submit(self, fn: Callable, *args) -> concurrent.futures.Future:
+        with self._exec_lock:
+            if self._core is None:
+                raise errors.ClosedError(f"client for {self.host}:{self.port} is closed")
+            if self._executor is None:
+                self._executor = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=8, thread_name_prefix=f"edgeml-{type(self).__name__}")
+            return self._executor.submit(fn, *args)
+
+    def ping(self, timeout: Optional[float] = None) -> float:
+        """Round trip of an empty PING, in seconds."""
+        import time
+        core = self._core
+        if core is None:
+            raise errors.ClosedError(f"client for {self.host}:{self.port} is closed")
+        t0 = time.perf_counter()
+        core.call("", None, self._timeout(timeout), _core.MSG_PING)
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        """Close the connection; calls still in flight fail with ClosedError.
+        Idempotent."""
+        with self._exec_lock:
+            core, self._core = self._core, None
+            ex, self._executor = self._executor, None
+        if core is not None:
+            core.shutdown()
+        if ex is not None:
+            ex.shutdown(wait=True)
+        if core is not None:
+            core.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            ex = self._executor
+            if ex is not None:
+                ex.shutdown(wait=False)
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        state = "closed" if self._core is None else "open"
+        return f"<{type(self).__name__} {self.host}:{self.port} {state}>"
+
+
+def wrap_future(fut: concurrent.futures.Future) -> "asyncio.Future":
+    return asyncio.wrap_future(fut)

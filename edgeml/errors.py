@@ -1,0 +1,147 @@
+"""edgeml's exceptions: one base, ``EdgeMLError``; each subclass also inherits
+the built-in exception that fits, so ``except TimeoutError`` works too.
+
+The C core reports errors as codes from one table (``EM_ERRORS`` in
+``csrc/include/edgeml.h``); ``CODE_TO_ERROR`` maps every code to a class.
+"""
+from __future__ import annotations
+
+import builtins
+
+
+class EdgeMLError(Exception):
+    """Base of every error edgeml raises."""
+
+
+class EdgeMLTimeoutError(EdgeMLError, builtins.TimeoutError):
+    """No reply within the timeout."""
+
+
+class EdgeMLConnectionError(EdgeMLError, builtins.ConnectionError):
+    """The server cannot be reached, or the connection broke mid-call."""
+
+
+class HandshakeError(EdgeMLConnectionError):
+    """The server refused the connection (another protocol version, another
+    kind of server)."""
+
+
+class ProtocolError(EdgeMLConnectionError):
+    """The peer sent bytes that are not edgeml frames."""
+
+
+class ClosedError(EdgeMLConnectionError):
+    """The client or server was closed."""
+
+
+class MessageTooLargeError(EdgeMLError, builtins.ValueError):
+    """A message exceeds ``max_message_bytes``."""
+
+
+class AddressInUseError(EdgeMLError, builtins.OSError):
+    """The server's port is taken."""
+
+
+class InvalidArgumentError(EdgeMLError, builtins.ValueError):
+    """An argument the core rejected."""
+
+
+class EncodeError(EdgeMLError, builtins.TypeError):
+    """A payload holds something edgeml cannot send; the message names the key
+    path and the type."""
+
+
+class DecodeError(EdgeMLError, builtins.ValueError):
+    """A message body could not be decoded."""
+
+
+class RemoteError(EdgeMLError, builtins.RuntimeError):
+    """The server-side handler raised. ``remote_type``, ``remote_message`` and
+    ``remote_traceback`` carry what happened there."""
+
+    def __init__(self, remote_type: str, remote_message: str, remote_traceback: str = ""):
+        self.remote_type = remote_type
+        self.remote_message = remote_message
+        self.remote_traceback = remote_traceback
+        super().__init__(f"{remote_type}: {remote_message}")
+
+    def __str__(self) -> str:
+        s = f"{self.remote_type}: {self.remote_message}"
+        if self.remote_traceback:
+            s += "\n\nRemote traceback:\n" + self.remote_traceback.rstrip()
+        return s
+
+    def __reduce__(self):
+        return (type(self), (self.remote_type, self.remote_message, self.remote_traceback))
+
+
+class UnknownInterfaceError(EdgeMLError, builtins.LookupError):
+    """The server has no interface of that name; ``interfaces`` lists those it has."""
+
+    def __init__(self, message: str, interfaces=()):
+        super().__init__(message)
+        self.interfaces = list(interfaces)
+
+    def __reduce__(self):
+        return (type(self), (self.args[0], self.interfaces))
+
+
+class InterruptedError_(EdgeMLError, builtins.InterruptedError):
+    """A wait was interrupted."""
+
+
+CODE_TO_ERROR = {
+    "EINVAL": InvalidArgumentError,
+    "ENOMEM": MemoryError,
+    "ETIMEDOUT": EdgeMLTimeoutError,
+    "ECONNREFUSED": EdgeMLConnectionError,
+    "ECONNCLOSED": EdgeMLConnectionError,
+    "EPROTO": ProtocolError,
+    "ETOOBIG": MessageTooLargeError,
+    "EADDRINUSE": AddressInUseError,
+    "ECLOSED": ClosedError,
+    "ERESOLVE": EdgeMLConnectionError,
+    "EIO": EdgeMLConnectionError,
+    "EVERSION": HandshakeError,
+    "EHANDSHAKE": HandshakeError,
+    "EREMOTE": RemoteError,
+    "EENCODE": EncodeError,
+    "EDECODE": DecodeError,
+    "EINTR": InterruptedError_,
+}
+
+# Errors raised inside a server that travel back to the caller as themselves
+# (by their wire name) rather than as RemoteError.
+_WIRE_ERRORS = {
+    "edgeml.UnknownInterfaceError": UnknownInterfaceError,
+    "edgeml.DecodeError": DecodeError,
+    "HandshakeError": HandshakeError,
+}
+
+
+def wire_name(exc: BaseException) -> str:
+    t = type(exc)
+    if isinstance(exc, EdgeMLError) and t.__module__.startswith("edgeml"):
+        return f"edgeml.{t.__qualname__}"
+    if t.__module__ == "builtins":
+        return t.__qualname__
+    return f"{t.__module__}.{t.__qualname__}"
+
+
+def from_error_reply(info: dict) -> Exception:
+    """The exception to raise at the caller for an ERROR reply's map."""
+    rtype = str(info.get("type", "RemoteError"))
+    message = str(info.get("message", ""))
+    cls = _WIRE_ERRORS.get(rtype)
+    if cls is UnknownInterfaceError:
+        return UnknownInterfaceError(message, info.get("interfaces") or ())
+    if cls is not None:
+        return cls(message)
+    return RemoteError(rtype, message, str(info.get("traceback", "")))
+
+
+__all__ = [
+    "EdgeMLError", "EdgeMLTimeoutError", "EdgeMLConnectionError", "HandshakeError", "ProtocolError",
+    "ClosedError", "MessageTooLargeError", "AddressInUseError", "InvalidArgumentError", "EncodeError",
+    "DecodeError", "RemoteError", "UnknownInterfaceError",
+]

@@ -1,0 +1,97 @@
+"""Inference roles: a GPU (or any) machine serves named functions,
+``InferenceServer``; weak devices call them, ``InferenceClient``."""
+from __future__ import annotations
+
+import concurrent.futures
+from typing import Any, Callable, Dict, List, Optional
+
+from . import errors
+from ._base import DEFAULT_TIMEOUT, ClientBase, ServerBase, wrap_future
+
+_LIST = "__interfaces__"
+
+
+class InferenceServer(ServerBase):
+    """Serves functions registered with ``register_interface(name, fn)``;
+    ``fn(payload) -> dict`` runs on the serving thread, one call at a time.
+
+    >>> server = InferenceServer(6379)
+    >>> server.register_interface("predict", lambda p: {"y": p["x"] * 2})
+    >>> server.start(threaded=True)
+    """
+
+    _service = "inference"
+
+    def __init__(self, port_num: int = 6379, host: str = "0.0.0.0", *,
+                 max_message_bytes: Optional[int] = None):
+        super().__init__(port_num, host, max_message_bytes=max_message_bytes)
+        self._interfaces: Dict[str, Callable[[Any], Any]] = {}
+
+    def register_interface(self, name: str, fn: Callable[[Any], Any]) -> None:
+        """Serve ``fn`` under ``name`` (also while running; replaces an
+        existing one of that name)."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"interface name must be a non-empty str, got {name!r}")
+        if name.startswith("__"):
+            raise ValueError(f"interface names starting with '__' are reserved: {name!r}")
+        if not callable(fn):
+            raise TypeError(f"interface {name!r}: {fn!r} is not callable")
+        self._interfaces = {**self._interfaces, name: fn}
+
+    def unregister_interface(self, name: str) -> None:
+        d = dict(self._interfaces)
+        d.pop(name, None)
+        self._interfaces = d
+
+    @property
+    def interfaces(self) -> List[str]:
+        return sorted(self._interfaces)
+
+    def _dispatch(self, method: str, payload: Any) -> Any:
+        fn = self._interfaces.get(method)
+        if fn is not None:
+            return fn(payload)
+        if method == _LIST:
+            return sorted(self._interfaces)
+        names = sorted(self._interfaces)
+        raise errors.UnknownInterfaceError(
+            f"no interface {method!r} on this server; it has: {', '.join(map(repr, names)) or 'none'}", names)
+
+    def _repr_extra(self) -> str:
+        return f" interfaces={self.interfaces}"
+
+
+class InferenceClient(ClientBase):
+    """Calls an ``InferenceServer``.
+
+    ``timeout`` (seconds, None = wait forever) bounds every call; a server
+    that is down raises ``EdgeMLConnectionError`` naming host:port, a handler
+    that raises gives ``RemoteError``. One client may be shared by threads.
+    """
+
+    _service = "inference"
+
+    def __init__(self, host: str = "localhost", port: int = 6379, *,
+                 timeout: Optional[float] = DEFAULT_TIMEOUT, connect_timeout: float = 5.0,
+                 max_message_bytes: Optional[int] = None):
+        super().__init__(host, port, timeout=timeout, connect_timeout=connect_timeout,
+                         max_message_bytes=max_message_bytes)
+
+    def call(self, name: str, payload: Any = None, timeout: Optional[float] = None) -> Any:
+        """Call interface ``name`` with ``payload``; returns the handler's reply."""
+        if not isinstance(name, str):
+            raise TypeError(f"interface name must be a str, got {type(name).__name__}")
+        return self._request(name, payload, timeout)
+
+    def call_async(self, name: str, payload: Any = None,
+                   timeout: Optional[float] = None) -> concurrent.futures.Future:
+        """Like ``call``, returning a ``concurrent.futures.Future`` at once."""
+        return self._submit(self.call, name, payload, timeout)
+
+    async def acall(self, name: str, payload: Any = None, timeout: Optional[float] = None) -> Any:
+        """``await client.acall(name, payload)`` from asyncio code."""
+        return await wrap_future(self.call_async(name, payload, timeout))
+
+    def interfaces(self, timeout: Optional[float] = None) -> List[str]:
+        """Names of the interfaces the server serves."""
+        return self._request(_LIST, None, timeout)
