@@ -1,0 +1,255 @@
+/* test_rpc.c: a C server and C clients in one process over loopback:
+ * echo, ping, concurrent callers on one connection, timeouts, handshake
+ * refusal, garbage from one peer not hurting another, stop and re-bind. */
+#include "../rpc/em_rpc.h"
+#include "em_test.h"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+static void sleep_ms(int ms) {
+  struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
+  nanosleep(&ts, NULL);
+}
+
+/* Handler: body [method, payload]; "echo" returns payload, "sleep" sleeps
+ * payload ms then returns it, "fail" returns an error map. */
+static int handler(void *ud, const em_msg *req, em_payload *reply) {
+  (void)ud;
+  msgpack_zone z;
+  msgpack_zone_init(&z, 1024);
+  msgpack_object o;
+  int type = EM_MSG_REPLY;
+  if (em_msg_unpack(req, &z, &o) != EM_OK || o.type != MSGPACK_OBJECT_ARRAY || o.via.array.size != 2) {
+    msgpack_zone_destroy(&z);
+    return -1;
+  }
+  const msgpack_object *method = &o.via.array.ptr[0];
+  const msgpack_object *payload = &o.via.array.ptr[1];
+  if (em__obj_streq(method, "fail")) {
+    em__pack_error(reply, "ValueError", "asked to fail", NULL);
+    type = EM_MSG_ERROR;
+  } else {
+    if (em__obj_streq(method, "sleep") && payload->type == MSGPACK_OBJECT_POSITIVE_INTEGER)
+      sleep_ms((int)payload->via.u64);
+    em_array a;
+    if (em_obj_array(req, payload, &a) == EM_OK)
+      em_payload_pack_array(reply, a.dtype, a.ndim, a.shape, a.data, a.len_bytes, a.is_scalar);
+    else
+      msgpack_pack_object(&reply->pk, *payload);
+  }
+  msgpack_zone_destroy(&z);
+  return type;
+}
+
+static void quiet_log(void *ud, int level, const char *msg) {
+  (void)ud;
+  (void)level;
+  (void)msg;
+}
+
+static void *run_thread(void *s) {
+  em_server_run(s);
+  return NULL;
+}
+
+static em_server *start_server(uint16_t port, pthread_t *th) {
+  em_server_opts o = {.host = "127.0.0.1", .port = port, .service = "test", .handler = handler,
+                      .log = quiet_log};
+  em_server *s;
+  if (em_server_open(&s, &o) != EM_OK) return NULL;
+  pthread_create(th, NULL, run_thread, s);
+  return s;
+}
+
+static void stop_server(em_server *s, pthread_t th) {
+  em_server_stop(s);
+  CHECK_EQ(em_server_wait(s, 5000000000ull), EM_OK);
+  pthread_join(th, NULL);
+  em_server_close(s);
+}
+
+static int call_int(em_client *c, const char *method, int64_t v, uint64_t timeout_ns, int64_t *out) {
+  em_payload p;
+  em_payload_init(&p);
+  em_payload_begin_request(&p, method, strlen(method));
+  msgpack_pack_int64(&p.pk, v);
+  em_msg *r = NULL;
+  int rc = em_client_request(c, EM_MSG_REQUEST, &p, timeout_ns, &r);
+  em_payload_destroy(&p);
+  if (rc == EM_OK) {
+    msgpack_zone z;
+    msgpack_zone_init(&z, 256);
+    msgpack_object o;
+    if (em_msg_unpack(r, &z, &o) == EM_OK) *out = o.via.i64;
+    msgpack_zone_destroy(&z);
+  }
+  em_msg_free(r);
+  return rc;
+}
+
+static void test_echo_and_errors(void) {
+  pthread_t th;
+  em_server *s = start_server(0, &th);
+  CHECK(s != NULL);
+  em_client *c;
+  em_client_opts co = {.service = "test"};
+  CHECK_EQ(em_client_open(&c, "127.0.0.1", em_server_port(s), &co), EM_OK);
+  int64_t v = 0;
+  CHECK_EQ(call_int(c, "echo", 12345, EM_FOREVER, &v), EM_OK);
+  CHECK_EQ(v, 12345);
+  CHECK_EQ(call_int(c, "fail", 1, EM_FOREVER, &v), EM_EREMOTE);
+  /* ping */
+  em_payload p;
+  em_payload_init(&p);
+  msgpack_pack_nil(&p.pk);
+  em_msg *r = NULL;
+  CHECK_EQ(em_client_request(c, EM_MSG_PING, &p, 1000000000ull, &r), EM_OK);
+  CHECK(r && r->type == EM_MSG_PONG);
+  em_msg_free(r);
+  /* a big array round trip (8 MB) */
+  size_t n = 2u << 20;
+  float *big = malloc(n * sizeof(float));
+  for (size_t i = 0; i < n; i++) big[i] = (float)i;
+  uint64_t shape[1] = {n};
+  em_payload_reset(&p);
+  em_payload_begin_request(&p, "echo", 4);
+  em_payload_pack_array(&p, "<f4", 1, shape, big, n * sizeof(float), 0);
+  CHECK_EQ(em_client_request(c, EM_MSG_REQUEST, &p, 10000000000ull, &r), EM_OK);
+  if (r) {
+    CHECK_EQ(r->nblobs, 1);
+    CHECK(r->blobs[0].len_bytes == n * sizeof(float) && memcmp(r->blobs[0].data, big, n * sizeof(float)) == 0);
+  }
+  em_msg_free(r);
+  free(big);
+  em_payload_destroy(&p);
+  /* timeout: the handler sleeps 300 ms, we wait 50 ms; the connection is
+   * still usable afterwards and the late reply is dropped */
+  uint64_t t0 = em_mono_ns();
+  CHECK_EQ(call_int(c, "sleep", 300, 50000000ull, &v), EM_ETIMEDOUT);
+  CHECK(em_mono_ns() - t0 < 250000000ull);
+  CHECK_EQ(call_int(c, "echo", 7, EM_FOREVER, &v), EM_OK);
+  CHECK_EQ(v, 7);
+  em_server_stats st;
+  em_server_get_stats(s, &st);
+  CHECK(st.requests >= 4);
+  CHECK_EQ(st.connections_open, 1);
+  em_client_close(c);
+  /* wrong service: refused at the handshake */
+  em_client_opts bad = {.service = "other"};
+  CHECK_EQ(em_client_open(&c, "127.0.0.1", em_server_port(s), &bad), EM_EHANDSHAKE);
+  stop_server(s, th);
+}
+
+typedef struct {
+  em_client *c;
+  int base, n, ok;
+} worker_arg;
+
+static void *worker(void *arg) {
+  worker_arg *w = arg;
+  for (int i = 0; i < w->n; i++) {
+    int64_t v = -1;
+    if (call_int(w->c, "echo", w->base + i, 5000000000ull, &v) == EM_OK && v == w->base + i) w->ok++;
+  }
+  return NULL;
+}
+
+static void test_threads_share_a_client(void) {
+  pthread_t th;
+  em_server *s = start_server(0, &th);
+  em_client *c;
+  CHECK_EQ(em_client_open(&c, "127.0.0.1", em_server_port(s), NULL), EM_OK);
+  enum { T = 6, N = 500 };
+  pthread_t ts[T];
+  worker_arg wa[T];
+  for (int i = 0; i < T; i++) {
+    wa[i] = (worker_arg){c, i * 100000, N, 0};
+    pthread_create(&ts[i], NULL, worker, &wa[i]);
+  }
+  int ok = 0;
+  for (int i = 0; i < T; i++) {
+    pthread_join(ts[i], NULL);
+    ok += wa[i].ok;
+  }
+  CHECK_EQ(ok, T * N);
+  em_client_close(c);
+  stop_server(s, th);
+}
+
+static void test_garbage_peer_does_not_hurt_others(void) {
+  pthread_t th;
+  em_server *s = start_server(0, &th);
+  em_client *c;
+  CHECK_EQ(em_client_open(&c, "127.0.0.1", em_server_port(s), NULL), EM_OK);
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(em_server_port(s))};
+  inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
+  CHECK_EQ(connect(fd, (struct sockaddr *)&a, sizeof a), 0);
+  char junk[256];
+  memset(junk, 'Z', sizeof junk);
+  CHECK(write(fd, junk, sizeof junk) == (ssize_t)sizeof junk);
+  char rb[16];
+  CHECK_EQ(read(fd, rb, sizeof rb), 0); /* server closed it */
+  close(fd);
+  int64_t v = 0;
+  CHECK_EQ(call_int(c, "echo", 99, 2000000000ull, &v), EM_OK);
+  CHECK_EQ(v, 99);
+  em_server_stats st;
+  em_server_get_stats(s, &st);
+  CHECK(st.protocol_errors >= 1);
+  em_client_close(c);
+  stop_server(s, th);
+}
+
+static void test_stop_rebind_reconnect(void) {
+  pthread_t th;
+  em_server *s = start_server(0, &th);
+  uint16_t port = em_server_port(s);
+  em_client *c;
+  CHECK_EQ(em_client_open(&c, "127.0.0.1", port, NULL), EM_OK);
+  int64_t v = 0;
+  CHECK_EQ(call_int(c, "echo", 1, 2000000000ull, &v), EM_OK);
+  stop_server(s, th);
+  /* server gone: the call fails at once with a connection error */
+  uint64_t t0 = em_mono_ns();
+  int rc = call_int(c, "echo", 2, 5000000000ull, &v);
+  CHECK(rc == EM_ECONNCLOSED || rc == EM_ECONNREFUSED);
+  CHECK(em_mono_ns() - t0 < 1000000000ull);
+  CHECK_EQ(call_int(c, "echo", 2, 5000000000ull, &v), EM_ECONNREFUSED);
+  /* the port is free at once */
+  s = start_server(port, &th);
+  CHECK(s != NULL);
+  if (!s) return;
+  CHECK_EQ(call_int(c, "echo", 3, 2000000000ull, &v), EM_OK);
+  CHECK_EQ(v, 3);
+  em_client_close(c);
+  stop_server(s, th);
+}
+
+static void test_open_errors(void) {
+  em_client *c;
+  CHECK_EQ(em_client_open(&c, "no-such-host.invalid", 1, NULL), EM_ERESOLVE);
+  pthread_t th;
+  em_server *s = start_server(0, &th);
+  em_server *s2;
+  em_server_opts o = {.host = "127.0.0.1", .port = em_server_port(s), .handler = handler, .log = quiet_log};
+  CHECK_EQ(em_server_open(&s2, &o), EM_EADDRINUSE);
+  stop_server(s, th);
+  /* a server that never ran closes cleanly */
+  o.port = 0;
+  CHECK_EQ(em_server_open(&s2, &o), EM_OK);
+  em_server_close(s2);
+}
+
+int main(void) {
+  RUN(test_echo_and_errors);
+  RUN(test_threads_share_a_client);
+  RUN(test_garbage_peer_does_not_hurt_others);
+  RUN(test_stop_rebind_reconnect);
+  RUN(test_open_errors);
+  DONE();
+}
