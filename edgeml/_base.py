@@ -168,6 +168,8 @@ class ClientBase:
 
     def __init__(self, host: str, port: int, *, timeout: Optional[float] = DEFAULT_TIMEOUT,
                  connect_timeout: float = 5.0, max_message_bytes: Optional[int] = None):
+        self._core = None
+        self._executor = None
         if not isinstance(port, int) or not 0 < port <= 65535:
             raise ValueError(f"port must be an int in 1..65535, got {port!r}")
         self.host = host

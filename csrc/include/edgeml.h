@@ -204,6 +204,10 @@ typedef struct em_client_opts {
    * non-zero makes the call fail with EM_EINTR. May be NULL. */
   int (*check_interrupt)(void *ud);
   void *interrupt_ud;
+  /* If set, em_client_open writes why it failed here (e.g. the server's
+   * reason for refusing the handshake), NUL-terminated. */
+  char *errbuf;
+  size_t errbuf_len;
 } em_client_opts;
 
 /* Connect to host:port and do the handshake. On success *out is owned by the

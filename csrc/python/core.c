@@ -39,14 +39,16 @@ static int em__client_init(PyObject *self, PyObject *args, PyObject *kw) {
   o.max_message_bytes = max_bytes;
   o.service = service;
   o.check_interrupt = em__check_interrupt;
+  char why[300] = "";
+  o.errbuf = why;
+  o.errbuf_len = sizeof why;
   int rc;
   Py_BEGIN_ALLOW_THREADS
   rc = em_client_open(&c->c, host, (uint16_t)port, &o);
   Py_END_ALLOW_THREADS
-  if (rc == EM_EHANDSHAKE && PyErr_Occurred()) return -1;
   if (rc) {
     if (PyErr_Occurred()) return -1;
-    em_py_raise(rc, "cannot connect to edgeml server at %s: %s", c->where, em_strerror(rc));
+    em_py_raise(rc, "cannot connect to edgeml server at %s: %s", c->where, why[0] ? why : em_strerror(rc));
     return -1;
   }
   return 0;
@@ -117,7 +119,7 @@ static PyObject *em__client_call(PyObject *self, PyObject *args) {
   } else if (rc == EM_ETIMEDOUT) {
     em_py_raise(rc, "no reply from %s to '%s' within %.3g s", c->where, method, timeout);
   } else if (rc == EM_ETOOBIG) {
-    em_py_raise(rc, "message to or from %s exceeds max_message_bytes", c->where);
+    em_py_raise(rc, "call '%s' to %s: a message exceeds max_message_bytes (the server's limit for requests, this client's for replies)", method, c->where);
   } else {
     em_py_raise(rc, "call '%s' to %s failed: %s", method, c->where, em_strerror(rc));
   }

@@ -27,7 +27,8 @@ struct em_client {
   char *host;
   uint16_t port;
   em_client_opts opts;
-  uint64_t max_frame;
+  uint64_t max_frame;  /* largest frame we accept */
+  uint64_t send_limit; /* largest frame the server accepts (from HELLO) */
   em_pool *pool;
   pthread_mutex_t wmu;
   pthread_mutex_t mu;
@@ -105,14 +106,24 @@ static int em__connect(em_client *c, uint64_t deadline) {
     do rc = em__read_frame(fd, &c->reader, deadline, &m, &why);
     while (rc == EM_EINTR);
     if (rc == 1) rc = EM_OK;
-    else if (rc == EM_ECONNCLOSED) rc = EM_EHANDSHAKE; /* closed on us: rejected */
   }
   if (!rc) {
     msgpack_zone zone;
     msgpack_zone_init(&zone, 512);
     msgpack_object o;
-    if (m->type == EM_MSG_ERROR) rc = EM_EHANDSHAKE;
+    if (m->type == EM_MSG_ERROR) {
+      rc = EM_EHANDSHAKE;
+      if (em_msg_unpack(m, &zone, &o) == EM_OK) {
+        const msgpack_object *msg = em_obj_get(&o, "message");
+        if (msg && msg->type == MSGPACK_OBJECT_STR && c->opts.errbuf && c->opts.errbuf_len)
+          snprintf(c->opts.errbuf, c->opts.errbuf_len, "%.*s", (int)msg->via.str.size, msg->via.str.ptr);
+      }
+    }
     else if (m->type != EM_MSG_HELLO || em_msg_unpack(m, &zone, &o) || o.type != MSGPACK_OBJECT_MAP) rc = EM_EPROTO;
+    else {
+      const msgpack_object *lim = em_obj_get(&o, "max_message_bytes");
+      c->send_limit = (lim && lim->type == MSGPACK_OBJECT_POSITIVE_INTEGER) ? lim->via.u64 : EM__DEFAULT_MAX_MESSAGE;
+    }
     msgpack_zone_destroy(&zone);
     if (rc == EM_EHANDSHAKE || !rc) {
       free(c->hello);
@@ -172,9 +183,13 @@ int em_client_open(em_client **out, const char *host, uint16_t port, const em_cl
     pthread_mutex_unlock(&c->wmu);
   }
   if (rc) {
+    if (opts && opts->errbuf && opts->errbuf_len && rc != EM_EHANDSHAKE)
+      snprintf(opts->errbuf, opts->errbuf_len, "%s", em_strerror(rc));
+    c->opts.errbuf = NULL;
     em_client_close(c);
     return rc;
   }
+  c->opts.errbuf = NULL; /* the caller's buffer is only valid during open */
   *out = c;
   return EM_OK;
 }
@@ -223,7 +238,7 @@ int em_client_request(em_client *c, uint8_t type, em_payload *p, uint64_t timeou
     uint64_t ts[4] = {em_now_ns(), 0, 0, 0};
     int n = em__payload_frame(p, type, 0, slot.id, ts, iov, &frame_len);
     if (n < 0) rc = n;
-    else if (frame_len > c->max_frame) rc = EM_ETOOBIG;
+    else if (frame_len > c->send_limit) rc = EM_ETOOBIG; /* the server would refuse it */
     else rc = em__writev_all(fd, iov, n, deadline);
     if (rc && n >= 0 && rc != EM_ETOOBIG) {
       /* part of a frame may be out: the stream is unusable */
@@ -275,6 +290,9 @@ int em_client_request(em_client *c, uint8_t type, em_payload *p, uint64_t timeou
         break;
       } else if (r == EM_ETIMEDOUT || r == 0) {
         /* our deadline: give the reader role to someone else */
+      } else if (c->closed) {
+        rc = EM_ECLOSED;
+        break;
       } else if (c->gen == rgen) {
         em__break(c, r == EM_ENOMEM || r == EM_ETOOBIG || r == EM_EPROTO || r == EM_EVERSION ? r : EM_ECONNCLOSED);
       }

@@ -12,7 +12,8 @@ struct em_server {
   char *service;
   uint8_t *hello_info;
   em_payload reply; /* loop thread only; reused for every reply */
-  atomic_ullong n_requests, n_errors;
+  uint64_t max_message_bytes;
+  atomic_ullong n_requests, n_errors, n_bad_bodies;
 };
 
 bool em__obj_streq(const msgpack_object *o, const char *s) {
@@ -63,9 +64,11 @@ static void em__handshake(em_server *s, em__conn *c, em_msg *m) {
     em__conn_close(c, EM_LOG_WARNING, why);
     return;
   }
-  msgpack_pack_map(&p->pk, s->hello_info ? 3 : 2);
+  msgpack_pack_map(&p->pk, s->hello_info ? 4 : 3);
   em__pack_cstr(&p->pk, "proto");
   msgpack_pack_uint32(&p->pk, EM_PROTOCOL_VERSION);
+  em__pack_cstr(&p->pk, "max_message_bytes");
+  msgpack_pack_uint64(&p->pk, s->max_message_bytes);
   em__pack_cstr(&p->pk, "service");
   em__pack_cstr(&p->pk, s->service);
   if (s->hello_info) {
@@ -92,6 +95,7 @@ static void em__on_frame(void *ud, em__conn *c, em_msg *m) {
   } else if (m->type == EM_MSG_REQUEST) {
     const char *why = NULL;
     if (em__body_check(m, &why) != EM_OK) {
+      atomic_fetch_add(&s->n_bad_bodies, 1);
       em__conn_close(c, EM_LOG_WARNING, why);
       em_msg_free(m);
       return;
@@ -138,13 +142,14 @@ int em_server_open(em_server **out, const em_server_opts *opts) {
     free(s);
     return EM_ENOMEM;
   }
+  s->max_message_bytes = opts->max_message_bytes ? opts->max_message_bytes : EM__DEFAULT_MAX_MESSAGE;
   em_pool *pool = em__pool_new(256u << 20);
   em__listener_cbs cbs = {.ud = s, .on_frame = em__on_frame, .on_tick = opts->tick ? em__on_tick : NULL,
                           .tick_ns = opts->tick_ns, .log = opts->log, .log_ud = opts->log_ud};
   int rc = pool ? EM_OK : EM_ENOMEM;
   if (!rc) {
     rc = em__listener_open(&s->l, opts->host ? opts->host : "0.0.0.0", opts->port, pool,
-                           opts->max_message_bytes ? opts->max_message_bytes : EM__DEFAULT_MAX_MESSAGE, &cbs);
+                           s->max_message_bytes, &cbs);
     em__pool_release(pool);
   }
   if (rc) {
@@ -166,6 +171,7 @@ int em_server_on_loop_thread(const em_server *s) { return em__listener_on_loop_t
 
 void em_server_get_stats(const em_server *s, em_server_stats *st) {
   em__listener_counts(s->l, &st->connections_open, &st->connections_total, &st->protocol_errors);
+  st->protocol_errors += atomic_load(&((em_server *)s)->n_bad_bodies);
   st->requests = atomic_load(&((em_server *)s)->n_requests);
   st->errors_sent = atomic_load(&((em_server *)s)->n_errors);
 }
