@@ -12,7 +12,7 @@ BUILD = os.path.join(CSRC, "build-test")
 
 
 @pytest.fixture(scope="module")
-def built():
+def built():  # noqa: D401 - builds once per module
     if shutil.which("make") is None or shutil.which("cc") is None:
         pytest.fail("make and a C compiler are needed to build libedgeml")
     r = subprocess.run(["make", "-C", CSRC, f"BUILD={BUILD}", "-j2"], capture_output=True, text=True)
@@ -44,3 +44,16 @@ def test_c_example_calls_python_server(built, make_server):
     assert '"note": "from C"' in r.stdout and '"sum": 15' in r.stdout
     r = subprocess.run([exe, "127.0.0.1", str(s.port), "missing"], capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and "UnknownInterfaceError" in r.stdout
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("san", ["asan", "tsan"])
+def test_c_unit_under_sanitizers(san):
+    """ASan+UBSan and TSan builds of the C tests (the queue between threads
+    is where races hide)."""
+    build = os.path.join(CSRC, f"build-{san}")
+    r = subprocess.run(["make", "-C", CSRC, f"BUILD={build}", f"SAN={san}", "-j2", "test"],
+                       capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "TSAN_OPTIONS": "halt_on_error=1", "ASAN_OPTIONS": "detect_leaks=1"})
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert r.stdout.count(" 0 failed") == 2
