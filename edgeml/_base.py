@@ -4,10 +4,12 @@ The role classes (InferenceServer, ...) add their own API on top."""
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import logging
 import threading
 import traceback
+import weakref
 from typing import Any, Callable, Optional
 
 from . import _codec  # noqa: F401  (installs the codec hooks)
@@ -34,6 +36,20 @@ def _format_error(exc: BaseException) -> dict:
 
 def _log_from_core(level: int, msg: str) -> None:
     log.log(_LEVELS.get(level, logging.INFO), msg)
+
+
+_running_servers: "weakref.WeakSet[ServerBase]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_running_servers() -> None:
+    """Servers still running on daemon threads are stopped cleanly at exit,
+    so their clients see a closed connection, not a hung one."""
+    for s in list(_running_servers):
+        try:
+            s.stop(timeout=2.0)
+        except Exception:  # pragma: no cover - best effort at exit
+            pass
 
 
 class ServerBase:
@@ -95,6 +111,7 @@ class ServerBase:
                                       _format_error, _log_from_core, hello, self._max_message_bytes)
             self._bound_port = self._core.port
             self._state = "running"
+            _running_servers.add(self)
         if threaded:
             t = threading.Thread(target=self._serve, args=(False,), daemon=True,
                                  name=f"edgeml-{type(self).__name__}-{self.port}")
@@ -113,6 +130,7 @@ class ServerBase:
         finally:
             with self._lock:
                 self._state = "stopped"
+                _running_servers.discard(self)
                 if self._core is core:
                     core.close()
 

@@ -239,3 +239,18 @@ except KeyboardInterrupt:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=scaled(20)).stdout
     assert out.startswith("interrupted after")
     assert float(out.split()[-1]) < 2.5
+
+
+def test_interpreter_exit_with_a_running_threaded_server():
+    code = """
+import edgeml
+s = edgeml.InferenceServer(0, host="127.0.0.1")
+s.register_interface("echo", lambda p: p)
+s.start(threaded=True)
+c = edgeml.InferenceClient("127.0.0.1", s.port)
+assert c.call("echo", 1) == 1
+print("exiting", flush=True)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=scaled(20))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "exiting"
