@@ -15,27 +15,30 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+/* Waits are cut into slices of at most this long; the end of a slice is
+ * reported as EM_EINTR so that callers check for signals (a SIGINT may be
+ * delivered to another thread, leaving this poll() uninterrupted). */
+#define EM__POLL_SLICE_MS 200
+
 static int em__poll_ms(uint64_t deadline_ns) {
-  if (deadline_ns == EM_FOREVER) return 1000; /* wake up now and then anyway */
+  if (deadline_ns == EM_FOREVER) return EM__POLL_SLICE_MS;
   uint64_t now = em_mono_ns();
   if (now >= deadline_ns) return 0;
   uint64_t ms = (deadline_ns - now + 999999) / 1000000;
-  return ms > 1000 ? 1000 : (int)ms;
+  return ms > EM__POLL_SLICE_MS ? EM__POLL_SLICE_MS : (int)ms;
 }
 
+/* EM_OK when ready, EM_ETIMEDOUT at the deadline, EM_EINTR on a signal or
+ * at the end of a slice (call again), EM_EIO when poll fails. */
 static int em__wait_fd(int fd, short events, uint64_t deadline_ns) {
-  for (;;) {
-    struct pollfd pfd = {.fd = fd, .events = events};
-    int ms = em__poll_ms(deadline_ns);
-    if (ms == 0 && deadline_ns != EM_FOREVER) {
-      int r = poll(&pfd, 1, 0);
-      if (r > 0) return EM_OK;
-      return EM_ETIMEDOUT;
-    }
-    int r = poll(&pfd, 1, ms);
-    if (r > 0) return EM_OK;
-    if (r < 0) return errno == EINTR ? EM_EINTR : EM_EIO;
-  }
+  struct pollfd pfd = {.fd = fd, .events = events};
+  int ms = em__poll_ms(deadline_ns);
+  if (ms == 0) return poll(&pfd, 1, 0) > 0 ? EM_OK : EM_ETIMEDOUT;
+  int r = poll(&pfd, 1, ms);
+  if (r > 0) return EM_OK;
+  if (r < 0 && errno != EINTR) return EM_EIO;
+  if (r == 0 && deadline_ns != EM_FOREVER && em_mono_ns() >= deadline_ns) return EM_ETIMEDOUT;
+  return EM_EINTR;
 }
 
 int em__dial(const char *host, uint16_t port, uint64_t deadline_ns, int *fd_out) {
