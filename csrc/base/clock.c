@@ -1,6 +1,9 @@
 /* clock.c: the two clocks: wall time for the wire, monotonic for timeouts. */
 #include "em_base.h"
 
+#include <sys/random.h>
+#include <sys/types.h>
+
 #include <stdio.h>
 #include <time.h>
 
@@ -21,4 +24,17 @@ void em__log_stderr(void *ud, int level, const char *msg) {
   const char *l = level >= EM_LOG_ERROR ? "error" : level >= EM_LOG_WARNING ? "warning"
                 : level >= EM_LOG_INFO ? "info" : "debug";
   fprintf(stderr, "edgeml %s: %s\n", l, msg);
+}
+
+/* A random 64-bit value (not for secrets): getrandom, else clock and
+ * address bits mixed with splitmix64. */
+uint64_t em__random_u64(void) {
+  uint64_t v = 0;
+  if (getrandom(&v, sizeof v, GRND_NONBLOCK) == (ssize_t)sizeof v && v) return v;
+  static atomic_ullong counter;
+  v = em_mono_ns() ^ (em_now_ns() << 17) ^ (uint64_t)(uintptr_t)&v ^ atomic_fetch_add(&counter, 1);
+  v += 0x9e3779b97f4a7c15ull;
+  v = (v ^ (v >> 30)) * 0xbf58476d1ce4e5b9ull;
+  v = (v ^ (v >> 27)) * 0x94d049bb133111ebull;
+  return (v ^ (v >> 31)) | 1;
 }

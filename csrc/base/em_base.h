@@ -45,6 +45,9 @@ void em__pool_release(em_pool *p);
 /* A buffer of at least `size` bytes, refs = 1; NULL when out of memory. */
 em_buf *em__buf_alloc(em_pool *p, size_t size);
 
+/* ---- misc (clock.c) */
+uint64_t em__random_u64(void); /* never 0 */
+
 /* ---- logging */
 void em__log_stderr(void *ud, int level, const char *msg);
 

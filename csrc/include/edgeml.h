@@ -81,9 +81,12 @@ enum em_msg_type {
   EM_MSG_STATS = 8,   /* reserved: target statistics */
   EM_MSG_PING = 9,
   EM_MSG_PONG = 10,
-  EM_MSG_PUBLISH = 11, /* reserved: broadcast of a latest value */
-  EM_MSG_REQUEST = 12, /* body: [method (str), payload] */
-  EM_MSG_REPLY = 13    /* body: payload */
+  EM_MSG_PUBLISH = 11,  /* server -> subscriber: a broadcast value; req_id
+                           is its version (1, 2, ...), body the payload */
+  EM_MSG_REQUEST = 12,  /* body: [method (str), payload] */
+  EM_MSG_REPLY = 13,    /* body: payload */
+  EM_MSG_SUBSCRIBE = 14 /* subscriber -> server: "send me the next value
+                           newer than version req_id"; body nil */
 };
 
 /* msgpack ext types used in bodies. */
@@ -265,7 +268,8 @@ typedef struct em_server_opts {
   const uint8_t *hello_info;   /* msgpack value added to the handshake reply */
   size_t hello_info_len;       /* (copied at open) */
   uint64_t max_message_bytes;  /* 0 = default 1 GiB */
-  em_handler_fn handler;
+  em_handler_fn handler;       /* NULL: a broadcast-only server (REQUEST is
+                                  answered with an ERROR) */
   void *handler_ud;
   em_tick_fn tick;             /* may be NULL */
   void *tick_ud;
@@ -307,11 +311,66 @@ typedef struct em_server_stats {
   uint64_t requests;
   uint64_t errors_sent;
   uint64_t protocol_errors;
+  uint64_t subscribers;     /* open connections that subscribed */
+  uint64_t publishes;       /* values published (the current version) */
+  uint64_t publish_sends;   /* PUBLISH frames written */
 } em_server_stats;
 void em_server_get_stats(const em_server *s, em_server_stats *st);
 
 /* Free the server. Requires that run has returned or never started. */
 void em_server_close(em_server *s);
+
+/* ------------------------------------------------------------- broadcast
+ *
+ * Any server also broadcasts: em_server_publish sets the server's current
+ * value, and every subscribed connection gets it. Broadcasts keep the
+ * latest value only (see docs/protocol.md, "Broadcast"): a subscriber asks
+ * for one value at a time (SUBSCRIBE with the version it has) and gets the
+ * newest value the server holds at that moment, never a backlog; one that
+ * subscribes after a publish gets the current value at once. */
+
+/* Publish the payload `p` (a whole body, e.g. one map) as the server's new
+ * current value. The frame is built and copied once into memory the server
+ * owns, so `p` and its borrowed blobs stay the caller's and may change as
+ * soon as this returns. Subscribers waiting for a value are sent it by the
+ * loop thread. Works before em_server_run (the value is then sent once the
+ * server runs). *version_out (may be NULL) receives the value's version.
+ * Any thread; does not block on the network. Errors: ENOMEM, ETOOBIG
+ * (larger than the server's max_message_bytes), ECLOSED (run has returned). */
+int em_server_publish(em_server *s, em_payload *p, uint64_t *version_out);
+
+/* A subscription to a server's broadcasts: its own connection, no thread.
+ * The thread that calls em_sub_next does the I/O. */
+typedef struct em_sub em_sub;
+
+/* Connect to host:port and handshake (opts as for em_client_open). On
+ * success *out is owned by the caller (em_sub_close). Blocks. Any thread.
+ * Errors: as em_client_open. */
+int em_sub_open(em_sub **out, const char *host, uint16_t port, const em_client_opts *opts);
+
+/* Wait up to timeout_ns for a value newer than the last one returned and
+ * return it as a PUBLISH message (*out owned by the caller; its req_id is
+ * the version). If the connection is lost, the next calls re-dial (waiting
+ * between attempts, 50 ms doubling to 2 s) and resume; a server that
+ * restarted is detected by its handshake and its values are taken from
+ * version 1 again. After ETIMEDOUT the request for a value stays
+ * outstanding, so call again promptly: a value pushed meanwhile is
+ * returned by the next call as it was. One thread at a time.
+ * Errors: ETIMEDOUT (nothing new yet), ECLOSED (em_sub_shutdown),
+ * ECONNCLOSED (the connection was lost; call again to reconnect),
+ * ECONNREFUSED/ERESOLVE/EHANDSHAKE (a re-dial failed), EPROTO, ETOOBIG,
+ * EINTR (check_interrupt asked to stop). */
+int em_sub_next(em_sub *s, uint64_t timeout_ns, em_msg **out);
+
+/* 1 while the subscription has a working connection. Any thread. */
+int em_sub_connected(const em_sub *s);
+
+/* Make a waiting and every later em_sub_next fail with ECLOSED. Any
+ * thread, any number of times. */
+void em_sub_shutdown(em_sub *s);
+
+/* Close and free; no em_sub_next may be running. */
+void em_sub_close(em_sub *s);
 
 #ifdef __cplusplus
 }

@@ -26,6 +26,9 @@ typedef struct em__listener_cbs {
   /* Called every tick_ns; non-zero stops the listener. May be NULL. */
   int (*on_tick)(void *ud);
   uint64_t tick_ns;
+  /* Runs on the loop thread after em__listener_wake (several wakes may
+   * arrive as one call). May be NULL. */
+  void (*on_wake)(void *ud);
   em_log_fn log;
   void *log_ud;
 } em__listener_cbs;
@@ -35,6 +38,11 @@ int em__listener_open(em__listener **out, const char *host, uint16_t port, em_po
 uint16_t em__listener_port(const em__listener *l);
 int em__listener_run(em__listener *l);      /* blocks; EM_OK or EM_EINTR (tick) */
 void em__listener_stop(em__listener *l);    /* any thread */
+/* Have on_wake called on the loop thread soon (any thread; before run, the
+ * call happens once run starts). */
+void em__listener_wake(em__listener *l);
+/* Call fn for every open connection (loop thread). */
+void em__listener_foreach(em__listener *l, void (*fn)(void *ud, em__conn *c), void *ud);
 int em__listener_wait(em__listener *l, uint64_t timeout_ns);
 bool em__listener_on_loop_thread(const em__listener *l);
 void em__listener_close(em__listener *l);   /* after run returned */
@@ -44,9 +52,21 @@ void em__listener_counts(const em__listener *l, uint64_t *open, uint64_t *total,
  * taken over when the write cannot finish at once (p is then re-inited);
  * p's release runs when its blobs are no longer needed, in every case. */
 int em__conn_send(em__conn *c, em_payload *p, uint8_t type, uint64_t req_id, const uint64_t ts_ns[4]);
+/* Send a finished frame held in b (len bytes) on c (loop thread). b is
+ * retained until the write completes; the caller keeps its reference. */
+int em__conn_send_buf(em__conn *c, em_buf *b, size_t len);
 /* Close c after its queued writes, logging why (NULL = quietly). */
 void em__conn_close(em__conn *c, int level, const char *why);
 int *em__conn_state(em__conn *c);          /* one int for the layer above */
+/* Broadcast state of a connection, for the layer above (loop thread). */
+typedef struct em__conn_sub {
+  bool subscribed;  /* sent SUBSCRIBE at least once (em__conn_set_subscribed) */
+  bool waiting;     /* a SUBSCRIBE is not answered yet */
+  uint64_t have;    /* the version it said it has */
+} em__conn_sub;
+em__conn_sub *em__conn_sub_state(em__conn *c);
+void em__conn_set_subscribed(em__conn *c);       /* counts it once */
+uint64_t em__listener_subscribers(const em__listener *l); /* any thread */
 const char *em__conn_peer(const em__conn *c);
 void em__log(const em__listener_cbs *cbs, int level, const char *fmt, ...);
 

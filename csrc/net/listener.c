@@ -25,6 +25,7 @@ struct em__conn {
   int pending_writes;
   bool closing, close_after_writes, reading;
   int state;               /* for the layer above (handshake) */
+  em__conn_sub sub;        /* for the layer above (broadcast) */
   char peer[64];
   em__conn *prev, *next;   /* l->conns list */
 };
@@ -47,7 +48,8 @@ struct em__listener {
   pthread_cond_t cv;
   int state;
   atomic_bool stop_requested;
-  atomic_ullong n_open, n_total, n_proto;
+  atomic_bool wake_pending;
+  atomic_ullong n_open, n_total, n_proto, n_subs;
 };
 
 void em__log(const em__listener_cbs *cbs, int level, const char *fmt, ...) {
@@ -66,6 +68,7 @@ static void em__conn_free_cb(uv_handle_t *h) {
   em__conn *c = (em__conn *)h;
   em__reader_destroy(&c->reader);
   atomic_fetch_sub(&c->l->n_open, 1);
+  if (c->sub.subscribed) atomic_fetch_sub(&c->l->n_subs, 1);
   free(c);
 }
 
@@ -95,6 +98,24 @@ void em__conn_close(em__conn *c, int level, const char *why) {
 }
 
 int *em__conn_state(em__conn *c) { return &c->state; }
+em__conn_sub *em__conn_sub_state(em__conn *c) { return &c->sub; }
+
+void em__conn_set_subscribed(em__conn *c) {
+  if (c->sub.subscribed) return;
+  c->sub.subscribed = true;
+  atomic_fetch_add(&c->l->n_subs, 1);
+}
+
+uint64_t em__listener_subscribers(const em__listener *l) { return atomic_load(&((em__listener *)l)->n_subs); }
+
+void em__listener_foreach(em__listener *l, void (*fn)(void *ud, em__conn *c), void *ud) {
+  em__conn *c = l->conns;
+  while (c) {
+    em__conn *n = c->next; /* fn may close c */
+    if (!c->closing && !c->close_after_writes) fn(ud, c);
+    c = n;
+  }
+}
 const char *em__conn_peer(const em__conn *c) { return c->peer; }
 
 static void em__alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
@@ -198,13 +219,15 @@ static void em__on_connection(uv_stream_t *server, int status) {
 typedef struct em__wreq {
   uv_write_t req;
   em__conn *c;
-  em_payload p;
+  em_buf *buf;  /* a shared frame (em__conn_send_buf), or NULL: */
+  em_payload p; /* the payload whose buffers are being written */
 } em__wreq;
 
 static void em__write_cb(uv_write_t *req, int status) {
   em__wreq *w = (em__wreq *)req;
   em__conn *c = w->c;
-  em_payload_destroy(&w->p);
+  if (w->buf) em_buf_release(w->buf);
+  else em_payload_destroy(&w->p);
   free(w);
   c->pending_writes--;
   if (status < 0 && status != UV_ECANCELED) em__conn_close(c, EM_LOG_INFO, uv_strerror(status));
@@ -256,6 +279,7 @@ int em__conn_send(em__conn *c, em_payload *p, uint8_t type, uint64_t req_id, con
     goto done;
   }
   wr->c = c;
+  wr->buf = NULL;
   wr->p = *p; /* take over the buffers and the release hook */
   if (em_payload_init(p)) { /* caller gets a fresh, empty payload */
     memset(p, 0, sizeof *p);
@@ -275,6 +299,38 @@ done:
   if (iov != iov_small) free(iov);
   em_payload_reset(p);
   return rc;
+}
+
+int em__conn_send_buf(em__conn *c, em_buf *b, size_t len) {
+  if (c->closing || c->close_after_writes) return EM_ECLOSED;
+  size_t written = 0;
+  if (c->pending_writes == 0) {
+    uv_buf_t ub = {.base = (char *)em_buf_data(b), .len = len};
+    int w = uv_try_write((uv_stream_t *)&c->tcp, &ub, 1);
+    if (w > 0) written = (size_t)w;
+    else if (w < 0 && w != UV_EAGAIN) {
+      em__conn_close(c, EM_LOG_INFO, uv_strerror(w));
+      return EM_ECONNCLOSED;
+    }
+  }
+  if (written == len) return EM_OK;
+  em__wreq *wr = calloc(1, sizeof *wr);
+  if (!wr) {
+    em__conn_close(c, EM_LOG_ERROR, "out of memory queueing a broadcast");
+    return EM_ENOMEM;
+  }
+  wr->c = c;
+  wr->buf = em_buf_retain(b);
+  uv_buf_t ub = {.base = (char *)em_buf_data(b) + written, .len = len - written};
+  int r = uv_write(&wr->req, (uv_stream_t *)&c->tcp, &ub, 1, em__write_cb);
+  if (r < 0) {
+    em_buf_release(wr->buf);
+    free(wr);
+    em__conn_close(c, EM_LOG_INFO, uv_strerror(r));
+    return EM_ECONNCLOSED;
+  }
+  c->pending_writes++;
+  return EM_OK;
 }
 
 /* ------------------------------------------------------------- listener */
@@ -325,7 +381,11 @@ static void em__begin_stop(em__listener *l) {
 
 static void em__async_cb(uv_async_t *a) {
   em__listener *l = a->data;
-  if (atomic_load(&l->stop_requested)) em__begin_stop(l);
+  if (atomic_load(&l->stop_requested)) {
+    em__begin_stop(l);
+    return;
+  }
+  if (atomic_exchange(&l->wake_pending, false) && l->cbs.on_wake) l->cbs.on_wake(l->cbs.ud);
 }
 
 static void em__tick_cb(uv_timer_t *t) {
@@ -405,6 +465,7 @@ int em__listener_run(em__listener *l) {
     uv_timer_start(&l->tick, em__tick_cb, ms ? ms : 1, ms ? ms : 1);
   }
   if (atomic_load(&l->stop_requested)) em__begin_stop(l);
+  else if (atomic_load(&l->wake_pending)) uv_async_send(&l->async);
   uv_run(&l->loop, UV_RUN_DEFAULT);
   /* Everything is closed once uv_run returns: listener, async, conns. */
   pthread_mutex_lock(&l->mu);
@@ -416,6 +477,13 @@ int em__listener_run(em__listener *l) {
 
 void em__listener_stop(em__listener *l) {
   atomic_store(&l->stop_requested, true);
+  pthread_mutex_lock(&l->mu);
+  if (l->state == EM__L_RUNNING) uv_async_send(&l->async);
+  pthread_mutex_unlock(&l->mu);
+}
+
+void em__listener_wake(em__listener *l) {
+  atomic_store(&l->wake_pending, true);
   pthread_mutex_lock(&l->mu);
   if (l->state == EM__L_RUNNING) uv_async_send(&l->async);
   pthread_mutex_unlock(&l->mu);

@@ -76,68 +76,17 @@ static int em__connect(em_client *c, uint64_t deadline) {
     close(c->fd);
     c->fd = -1;
   }
-  em__reader_reset(&c->reader);
   int fd = -1;
-  int rc = em__dial(c->host, c->port, deadline, &fd);
+  em__hello_info info;
+  int rc = em__hello_dial(c->host, c->port, c->opts.service, "client", &c->reader, deadline, c->opts.errbuf,
+                          c->opts.errbuf_len, &fd, &info);
+  if (rc == EM_OK || rc == EM_EHANDSHAKE) {
+    free(c->hello);
+    c->hello = info.body;
+    c->hello_len = info.body_len;
+  }
   if (rc) return rc;
-  em_payload p;
-  if (em_payload_init(&p)) {
-    close(fd);
-    return EM_ENOMEM;
-  }
-  msgpack_pack_map(&p.pk, c->opts.service ? 3 : 2);
-  msgpack_pack_str_with_body(&p.pk, "proto", 5);
-  msgpack_pack_uint32(&p.pk, EM_PROTOCOL_VERSION);
-  msgpack_pack_str_with_body(&p.pk, "role", 4);
-  msgpack_pack_str_with_body(&p.pk, "client", 6);
-  if (c->opts.service) {
-    msgpack_pack_str_with_body(&p.pk, "service", 7);
-    msgpack_pack_str_with_body(&p.pk, c->opts.service, strlen(c->opts.service));
-  }
-  struct iovec iov[1];
-  uint64_t flen;
-  uint64_t ts[4] = {em_now_ns(), 0, 0, 0};
-  int n = em__payload_frame(&p, EM_MSG_HELLO, 0, 0, ts, iov, &flen);
-  rc = n < 0 ? n : em__writev_all(fd, iov, n, deadline);
-  em_payload_destroy(&p);
-  em_msg *m = NULL;
-  const char *why;
-  if (!rc) {
-    do rc = em__read_frame(fd, &c->reader, deadline, &m, &why);
-    while (rc == EM_EINTR);
-    if (rc == 1) rc = EM_OK;
-  }
-  if (!rc) {
-    msgpack_zone zone;
-    msgpack_zone_init(&zone, 512);
-    msgpack_object o;
-    if (m->type == EM_MSG_ERROR) {
-      rc = EM_EHANDSHAKE;
-      if (em_msg_unpack(m, &zone, &o) == EM_OK) {
-        const msgpack_object *msg = em_obj_get(&o, "message");
-        if (msg && msg->type == MSGPACK_OBJECT_STR && c->opts.errbuf && c->opts.errbuf_len)
-          snprintf(c->opts.errbuf, c->opts.errbuf_len, "%.*s", (int)msg->via.str.size, msg->via.str.ptr);
-      }
-    }
-    else if (m->type != EM_MSG_HELLO || em_msg_unpack(m, &zone, &o) || o.type != MSGPACK_OBJECT_MAP) rc = EM_EPROTO;
-    else {
-      const msgpack_object *lim = em_obj_get(&o, "max_message_bytes");
-      c->send_limit = (lim && lim->type == MSGPACK_OBJECT_POSITIVE_INTEGER) ? lim->via.u64 : EM__DEFAULT_MAX_MESSAGE;
-    }
-    msgpack_zone_destroy(&zone);
-    if (rc == EM_EHANDSHAKE || !rc) {
-      free(c->hello);
-      c->hello = malloc(m->body_len);
-      if (c->hello) memcpy(c->hello, m->body, m->body_len);
-      c->hello_len = c->hello ? m->body_len : 0;
-    }
-  }
-  em_msg_free(m);
-  if (rc) {
-    close(fd);
-    em__reader_reset(&c->reader);
-    return rc;
-  }
+  c->send_limit = info.send_limit;
   c->fd = fd;
   c->broken = false;
   return EM_OK;

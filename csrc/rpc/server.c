@@ -13,7 +13,14 @@ struct em_server {
   uint8_t *hello_info;
   em_payload reply; /* loop thread only; reused for every reply */
   uint64_t max_message_bytes;
-  atomic_ullong n_requests, n_errors, n_bad_bodies;
+  uint64_t epoch;           /* random per server: subscribers detect restarts */
+  em_pool *pool;            /* owned reference; published frames */
+  pthread_mutex_t pub_mu;   /* guards pub_buf, pub_len, pub_version */
+  em_buf *pub_buf;          /* the current broadcast frame (owned ref) */
+  size_t pub_len;
+  uint64_t pub_version;
+  atomic_bool closed_for_publish;
+  atomic_ullong n_requests, n_errors, n_bad_bodies, n_pub_sends;
 };
 
 bool em__obj_streq(const msgpack_object *o, const char *s) {
@@ -64,7 +71,9 @@ static void em__handshake(em_server *s, em__conn *c, em_msg *m) {
     em__conn_close(c, EM_LOG_WARNING, why);
     return;
   }
-  msgpack_pack_map(&p->pk, s->hello_info ? 4 : 3);
+  msgpack_pack_map(&p->pk, s->hello_info ? 5 : 4);
+  em__pack_cstr(&p->pk, "epoch");
+  msgpack_pack_uint64(&p->pk, s->epoch);
   em__pack_cstr(&p->pk, "proto");
   msgpack_pack_uint32(&p->pk, EM_PROTOCOL_VERSION);
   em__pack_cstr(&p->pk, "max_message_bytes");
@@ -77,6 +86,96 @@ static void em__handshake(em_server *s, em__conn *c, em_msg *m) {
   }
   em__conn_send(c, p, EM_MSG_HELLO, m->req_id, NULL);
   *em__conn_state(c) = 1;
+}
+
+/* Send the current value to c if it waits for one newer than it has. Loop
+ * thread. */
+static void em__pub_offer(em_server *s, em__conn *c, em_buf *b, size_t len, uint64_t version) {
+  em__conn_sub *sub = em__conn_sub_state(c);
+  if (!sub->waiting || !b || version <= sub->have) return;
+  sub->waiting = false;
+  sub->have = version;
+  atomic_fetch_add(&s->n_pub_sends, 1); /* first: the peer may read it before send returns */
+  em__conn_send_buf(c, b, len);
+}
+
+typedef struct {
+  em_server *s;
+  em_buf *b;
+  size_t len;
+  uint64_t version;
+} em__pub_snap;
+
+static void em__pub_offer_cb(void *ud, em__conn *c) {
+  em__pub_snap *snap = ud;
+  em__pub_offer(snap->s, c, snap->b, snap->len, snap->version);
+}
+
+static em__pub_snap em__pub_current(em_server *s) {
+  em__pub_snap snap = {.s = s};
+  pthread_mutex_lock(&s->pub_mu);
+  if (s->pub_buf) snap.b = em_buf_retain(s->pub_buf);
+  snap.len = s->pub_len;
+  snap.version = s->pub_version;
+  pthread_mutex_unlock(&s->pub_mu);
+  return snap;
+}
+
+/* A new value was published: offer it to every waiting subscriber. */
+static void em__on_wake(void *ud) {
+  em_server *s = ud;
+  em__pub_snap snap = em__pub_current(s);
+  if (snap.b) {
+    em__listener_foreach(s->l, em__pub_offer_cb, &snap);
+    em_buf_release(snap.b);
+  }
+}
+
+static void em__on_subscribe(em_server *s, em__conn *c, const em_msg *m) {
+  em__conn_sub *sub = em__conn_sub_state(c);
+  em__conn_set_subscribed(c);
+  sub->waiting = true;
+  sub->have = m->req_id;
+  em__pub_snap snap = em__pub_current(s);
+  if (snap.b) {
+    em__pub_offer(s, c, snap.b, snap.len, snap.version);
+    em_buf_release(snap.b);
+  }
+}
+
+int em_server_publish(em_server *s, em_payload *p, uint64_t *version_out) {
+  if (atomic_load(&s->closed_for_publish)) return EM_ECLOSED;
+  size_t cap = em__payload_iov_cap(p);
+  struct iovec iov_small[9];
+  struct iovec *iov = cap > 9 ? malloc(cap * sizeof *iov) : iov_small;
+  if (!iov) return EM_ENOMEM;
+  uint64_t frame_len;
+  uint64_t ts[4] = {em_now_ns(), 0, 0, 0};
+  /* the version is patched in below, under the lock that orders values */
+  int n = em__payload_frame(p, EM_MSG_PUBLISH, 0, 0, ts, iov, &frame_len);
+  int rc = n < 0 ? n : EM_OK;
+  em_buf *b = NULL;
+  if (!rc && frame_len > s->max_message_bytes) rc = EM_ETOOBIG;
+  if (!rc && !(b = em__buf_alloc(s->pool, frame_len))) rc = EM_ENOMEM;
+  if (!rc) {
+    uint8_t *d = em_buf_data(b);
+    for (int i = 0; i < n; i++) {
+      memcpy(d, iov[i].iov_base, iov[i].iov_len);
+      d += iov[i].iov_len;
+    }
+    pthread_mutex_lock(&s->pub_mu);
+    uint64_t version = ++s->pub_version;
+    em__put_u64(em_buf_data(b) + 8, version); /* req_id: see docs/protocol.md */
+    em_buf *old = s->pub_buf;
+    s->pub_buf = b;
+    s->pub_len = frame_len;
+    pthread_mutex_unlock(&s->pub_mu);
+    if (old) em_buf_release(old);
+    if (version_out) *version_out = version;
+    em__listener_wake(s->l);
+  }
+  if (iov != iov_small) free(iov);
+  return rc;
 }
 
 static void em__on_frame(void *ud, em__conn *c, em_msg *m) {
@@ -92,6 +191,15 @@ static void em__on_frame(void *ud, em__conn *c, em_msg *m) {
     msgpack_pack_nil(&p->pk);
     uint64_t ts[4] = {0, t_recv, t_recv, t_recv};
     em__conn_send(c, p, EM_MSG_PONG, m->req_id, ts);
+  } else if (m->type == EM_MSG_SUBSCRIBE) {
+    em__on_subscribe(s, c, m);
+  } else if (m->type == EM_MSG_REQUEST && !s->opts.handler) {
+    em__pack_error(p, "edgeml.ProtocolError",
+                   "this port serves broadcasts only (subscribe to it); send requests to the server's main port",
+                   NULL);
+    atomic_fetch_add(&s->n_errors, 1);
+    uint64_t ts[4] = {0, t_recv, t_recv, t_recv};
+    em__conn_send(c, p, EM_MSG_ERROR, m->req_id, ts);
   } else if (m->type == EM_MSG_REQUEST) {
     const char *why = NULL;
     if (em__body_check(m, &why) != EM_OK) {
@@ -127,7 +235,7 @@ static int em__on_tick(void *ud) {
 
 int em_server_open(em_server **out, const em_server_opts *opts) {
   *out = NULL;
-  if (!opts || !opts->handler) return EM_EINVAL;
+  if (!opts) return EM_EINVAL;
   em_server *s = calloc(1, sizeof *s);
   if (!s) return EM_ENOMEM;
   s->opts = *opts;
@@ -143,16 +251,21 @@ int em_server_open(em_server **out, const em_server_opts *opts) {
     return EM_ENOMEM;
   }
   s->max_message_bytes = opts->max_message_bytes ? opts->max_message_bytes : EM__DEFAULT_MAX_MESSAGE;
+  s->epoch = em__random_u64();
+  pthread_mutex_init(&s->pub_mu, NULL);
   em_pool *pool = em__pool_new(256u << 20);
   em__listener_cbs cbs = {.ud = s, .on_frame = em__on_frame, .on_tick = opts->tick ? em__on_tick : NULL,
-                          .tick_ns = opts->tick_ns, .log = opts->log, .log_ud = opts->log_ud};
+                          .tick_ns = opts->tick_ns, .on_wake = em__on_wake, .log = opts->log,
+                          .log_ud = opts->log_ud};
   int rc = pool ? EM_OK : EM_ENOMEM;
   if (!rc) {
     rc = em__listener_open(&s->l, opts->host ? opts->host : "0.0.0.0", opts->port, pool,
                            s->max_message_bytes, &cbs);
-    em__pool_release(pool);
+    if (rc) em__pool_release(pool);
+    else s->pool = pool;
   }
   if (rc) {
+    pthread_mutex_destroy(&s->pub_mu);
     em_payload_destroy(&s->reply);
     free(s->service);
     free(s->hello_info);
@@ -164,7 +277,11 @@ int em_server_open(em_server **out, const em_server_opts *opts) {
 }
 
 uint16_t em_server_port(const em_server *s) { return em__listener_port(s->l); }
-int em_server_run(em_server *s) { return em__listener_run(s->l); }
+int em_server_run(em_server *s) {
+  int rc = em__listener_run(s->l);
+  atomic_store(&s->closed_for_publish, true);
+  return rc;
+}
 void em_server_stop(em_server *s) { em__listener_stop(s->l); }
 int em_server_wait(em_server *s, uint64_t timeout_ns) { return em__listener_wait(s->l, timeout_ns); }
 int em_server_on_loop_thread(const em_server *s) { return em__listener_on_loop_thread(s->l); }
@@ -174,11 +291,19 @@ void em_server_get_stats(const em_server *s, em_server_stats *st) {
   st->protocol_errors += atomic_load(&((em_server *)s)->n_bad_bodies);
   st->requests = atomic_load(&((em_server *)s)->n_requests);
   st->errors_sent = atomic_load(&((em_server *)s)->n_errors);
+  st->subscribers = em__listener_subscribers(s->l);
+  st->publish_sends = atomic_load(&((em_server *)s)->n_pub_sends);
+  pthread_mutex_lock(&((em_server *)s)->pub_mu);
+  st->publishes = s->pub_version;
+  pthread_mutex_unlock(&((em_server *)s)->pub_mu);
 }
 
 void em_server_close(em_server *s) {
   if (!s) return;
   em__listener_close(s->l);
+  if (s->pub_buf) em_buf_release(s->pub_buf);
+  if (s->pool) em__pool_release(s->pool);
+  pthread_mutex_destroy(&s->pub_mu);
   em_payload_destroy(&s->reply);
   free(s->service);
   free(s->hello_info);

@@ -245,11 +245,136 @@ static void test_open_errors(void) {
   em_server_close(s2);
 }
 
+static int publish_int(em_server *s, int64_t v, uint64_t *version) {
+  em_payload p;
+  em_payload_init(&p);
+  msgpack_pack_int64(&p.pk, v);
+  int rc = em_server_publish(s, &p, version);
+  em_payload_destroy(&p);
+  return rc;
+}
+
+static int64_t msg_int(const em_msg *m) {
+  msgpack_zone z;
+  msgpack_zone_init(&z, 256);
+  msgpack_object o;
+  int64_t v = -999;
+  if (em_msg_unpack(m, &z, &o) == EM_OK && (o.type == MSGPACK_OBJECT_POSITIVE_INTEGER || o.type == MSGPACK_OBJECT_NEGATIVE_INTEGER))
+    v = o.via.i64;
+  msgpack_zone_destroy(&z);
+  return v;
+}
+
+/* Latest value: a late subscriber gets the current value at once; a slow
+ * one gets the newest, never a backlog; a waiting one gets a publish
+ * pushed; a broadcast-only server refuses requests; a server restart on
+ * the same port is followed by the subscriber (versions start again). */
+static void test_broadcast_latest_value(void) {
+  em_server_opts o = {.host = "127.0.0.1", .port = 0, .service = "bcast", .log = quiet_log};
+  em_server *s;
+  CHECK_EQ(em_server_open(&s, &o), EM_OK);
+  uint64_t v = 0;
+  CHECK_EQ(publish_int(s, 1, &v), EM_OK); /* before run: kept as the current value */
+  CHECK_EQ(v, 1);
+  pthread_t th;
+  pthread_create(&th, NULL, run_thread, s);
+  uint16_t port = em_server_port(s);
+  em_client_opts co = {.service = "bcast"};
+  em_sub *sub;
+  CHECK_EQ(em_sub_open(&sub, "127.0.0.1", port, &co), EM_OK);
+  em_msg *m = NULL;
+  CHECK_EQ(em_sub_next(sub, 2000000000ull, &m), EM_OK); /* late joiner: current value at once */
+  CHECK(m && m->type == EM_MSG_PUBLISH && m->req_id == 1 && msg_int(m) == 1);
+  em_msg_free(m);
+  for (int i = 2; i <= 50; i++) publish_int(s, i, NULL); /* a slow subscriber... */
+  sleep_ms(50);
+  CHECK_EQ(em_sub_next(sub, 2000000000ull, &m), EM_OK); /* ...gets the newest, not 2 */
+  CHECK(m && msg_int(m) == 50 && m->req_id == 50);
+  em_msg_free(m);
+  CHECK_EQ(em_sub_next(sub, 50000000ull, &m), EM_ETIMEDOUT);
+  publish_int(s, 51, NULL); /* pushed to the waiting subscriber */
+  CHECK_EQ(em_sub_next(sub, 2000000000ull, &m), EM_OK);
+  CHECK(m && msg_int(m) == 51);
+  em_msg_free(m);
+  em_server_stats st;
+  em_server_get_stats(s, &st);
+  CHECK_EQ(st.subscribers, 1);
+  CHECK_EQ(st.publishes, 51);
+  CHECK_EQ(st.publish_sends, 3);
+  /* requests to a broadcast-only server get an error reply */
+  em_client *c;
+  CHECK_EQ(em_client_open(&c, "127.0.0.1", port, &co), EM_OK);
+  int64_t out;
+  CHECK_EQ(call_int(c, "echo", 1, 2000000000ull, &out), EM_EREMOTE);
+  em_client_close(c);
+  /* restart on the same port: the subscriber reconnects and starts over */
+  em_server_stop(s);
+  CHECK_EQ(em_server_wait(s, 5000000000ull), EM_OK);
+  pthread_join(th, NULL);
+  CHECK_EQ(publish_int(s, 99, NULL), EM_ECLOSED);
+  em_server_close(s);
+  int rc = em_sub_next(sub, 300000000ull, &m);
+  CHECK(rc == EM_ECONNCLOSED || rc == EM_ECONNREFUSED || rc == EM_ETIMEDOUT);
+  CHECK(!em_sub_connected(sub));
+  o.port = port;
+  CHECK_EQ(em_server_open(&s, &o), EM_OK);
+  publish_int(s, 7, NULL);
+  pthread_create(&th, NULL, run_thread, s);
+  uint64_t end = em_mono_ns() + 5000000000ull;
+  do rc = em_sub_next(sub, 500000000ull, &m);
+  while (rc != EM_OK && em_mono_ns() < end);
+  CHECK_EQ(rc, EM_OK);
+  CHECK(m && msg_int(m) == 7 && m->req_id == 1);
+  em_msg_free(m);
+  CHECK(em_sub_connected(sub));
+  /* shutdown from another thread wakes a waiting next() */
+  em_sub_shutdown(sub);
+  CHECK_EQ(em_sub_next(sub, 1000000000ull, &m), EM_ECLOSED);
+  em_sub_close(sub);
+  stop_server(s, th);
+}
+
+typedef struct {
+  em_sub *sub;
+  int rc;
+} wait_arg;
+
+static void *wait_next(void *ud) {
+  wait_arg *a = ud;
+  em_msg *m = NULL;
+  a->rc = em_sub_next(a->sub, 10000000000ull, &m);
+  em_msg_free(m);
+  return NULL;
+}
+
+static void test_sub_shutdown_wakes_waiter(void) {
+  em_server_opts o = {.host = "127.0.0.1", .port = 0, .service = "bcast", .log = quiet_log};
+  em_server *s;
+  CHECK_EQ(em_server_open(&s, &o), EM_OK);
+  pthread_t th;
+  pthread_create(&th, NULL, run_thread, s);
+  em_sub *sub;
+  CHECK_EQ(em_sub_open(&sub, "127.0.0.1", em_server_port(s), NULL), EM_OK);
+  wait_arg a = {sub, 1};
+  pthread_t w;
+  pthread_create(&w, NULL, wait_next, &a);
+  sleep_ms(100);
+  uint64_t t0 = em_mono_ns();
+  em_sub_shutdown(sub);
+  pthread_join(w, NULL);
+  CHECK_EQ(a.rc, EM_ECLOSED);
+  CHECK(em_mono_ns() - t0 < 1000000000ull);
+  em_sub_close(sub);
+  stop_server(s, th);
+}
+
 int main(void) {
   RUN(test_echo_and_errors);
   RUN(test_threads_share_a_client);
   RUN(test_garbage_peer_does_not_hurt_others);
   RUN(test_stop_rebind_reconnect);
   RUN(test_open_errors);
+  RUN(test_broadcast_latest_value);
+  RUN(test_sub_shutdown_wakes_waiter);
   DONE();
 }
