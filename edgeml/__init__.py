@@ -1,18 +1,28 @@
 """edgeml: fast, reliable data streams between edge devices and GPU compute.
 
-Every public class is importable from here; see README.md."""
+Every public class is importable from here; see README.md. agentlace names
+(ActionConfig, ActionServer, ActionClient) are aliases of the Edge classes.
+"""
 from . import _codec  # noqa: F401  (installs the codec hooks first)
 from ._codec import decode_frame, encode_frame
+from .data import DataStoreBase, QueuedDataStore
+from .edge import ActionClient, ActionConfig, ActionServer, EdgeClient, EdgeConfig, EdgeServer
 from .errors import (AddressInUseError, ClosedError, DecodeError, EdgeMLConnectionError, EdgeMLError,
-                     EdgeMLTimeoutError, EncodeError, HandshakeError, InvalidArgumentError,
-                     MessageTooLargeError, ProtocolError, RemoteError, UnknownInterfaceError)
+                     EdgeMLTimeoutError, EncodeError, HandshakeError, InvalidArgumentError, InvalidKeyError,
+                     MessageTooLargeError, ProtocolError, RateLimitError, RemoteError, UnknownDataStoreError,
+                     UnknownInterfaceError, UnknownRequestTypeError)
 from .inference import InferenceClient, InferenceServer
+from .trainer import TrainerClient, TrainerConfig, TrainerServer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "EdgeConfig", "EdgeServer", "EdgeClient", "ActionConfig", "ActionServer", "ActionClient",
+    "TrainerConfig", "TrainerServer", "TrainerClient",
     "InferenceServer", "InferenceClient",
+    "DataStoreBase", "QueuedDataStore",
     "EdgeMLError", "EdgeMLTimeoutError", "EdgeMLConnectionError", "HandshakeError", "ProtocolError",
     "ClosedError", "MessageTooLargeError", "AddressInUseError", "InvalidArgumentError", "EncodeError",
-    "DecodeError", "RemoteError", "UnknownInterfaceError", "encode_frame", "decode_frame",
+    "DecodeError", "RemoteError", "UnknownInterfaceError", "InvalidKeyError", "UnknownRequestTypeError",
+    "UnknownDataStoreError", "RateLimitError", "encode_frame", "decode_frame",
 ]

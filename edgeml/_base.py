@@ -31,6 +31,8 @@ def _format_error(exc: BaseException) -> dict:
     }
     if isinstance(exc, errors.UnknownInterfaceError):
         info["interfaces"] = list(exc.interfaces)
+    if isinstance(exc, errors.UnknownRequestTypeError):
+        info["request_types"] = list(exc.request_types)
     return info
 
 
@@ -52,21 +54,44 @@ def _stop_running_servers() -> None:
             pass
 
 
+_NOTHING = object()
+
+
+def _check_port(port: Any, what: str = "port") -> int:
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ValueError(f"{what} must be an int in 0..65535, got {port!r}")
+    return port
+
+
 class ServerBase:
     """A server: bound by ``start()``, served on the calling thread or on a
     thread of its own (``threaded=True``), stopped by ``stop()`` from any
-    thread. Handlers run one at a time on the serving thread."""
+    thread. Handlers run one at a time on the serving thread.
+
+    With a ``broadcast_port`` it also broadcasts (``_publish``): a second
+    listener, served by its own thread that never takes the GIL to send, so
+    a busy handler or a learner training in Python never delays a
+    broadcast."""
 
     _service = "edgeml"
 
-    def __init__(self, port: int, host: str = "0.0.0.0", *, max_message_bytes: Optional[int] = None):
-        if not isinstance(port, int) or not 0 <= port <= 65535:
-            raise ValueError(f"port must be an int in 0..65535, got {port!r}")
+    def __init__(self, port: int, host: str = "0.0.0.0", *, max_message_bytes: Optional[int] = None,
+                 broadcast_port: Optional[int] = None):
+        _check_port(port)
+        if broadcast_port is not None:
+            _check_port(broadcast_port, "broadcast_port")
+            if broadcast_port == port and port != 0:
+                raise ValueError(f"broadcast_port must differ from the port ({port})")
         self._host = host
         self._requested_port = port
+        self._requested_bport = broadcast_port
         self._max_message_bytes = int(max_message_bytes or 0)
         self._core: Optional[_core.Server] = None
         self._thread: Optional[threading.Thread] = None
+        self._bcast: Optional[_core.Server] = None
+        self._bcast_thread: Optional[threading.Thread] = None
+        self._bcast_lock = threading.Lock()  # held while publishing and while closing the broadcaster
+        self._pending_publish: Any = _NOTHING
         self._lock = threading.Lock()
         self._state = "created"
         self._error: Optional[BaseException] = None
@@ -92,6 +117,14 @@ class ServerBase:
         return self._host
 
     @property
+    def broadcast_port(self) -> Optional[int]:
+        """The bound broadcast port (None without one)."""
+        b = self._bcast
+        if b is not None and b.port is not None:
+            return b.port
+        return getattr(self, "_bound_bport", self._requested_bport)
+
+    @property
     def running(self) -> bool:
         return self._state == "running"
 
@@ -103,13 +136,33 @@ class ServerBase:
         with self._lock:
             if self._state in ("running", "starting"):
                 raise RuntimeError(f"{type(self).__name__} is already running on port {self.port}")
-            info = self._hello_info()
-            hello = b""
-            if info is not None:
-                hello = _hello_bytes(info)
-            self._core = _core.Server(self._host, self._requested_port, self._service, self._dispatch,
-                                      _format_error, _log_from_core, hello, self._max_message_bytes)
+            bcast = None
+            if self._requested_bport is not None:
+                bcast = _core.Server(self._host, self._requested_bport, self._service + ".broadcast", None,
+                                     _format_error, _log_from_core, b"", self._max_message_bytes)
+                self._bound_bport = bcast.port
+            try:
+                info = self._hello_info()
+                hello = b""
+                if info is not None:
+                    hello = _hello_bytes(info)
+                self._core = _core.Server(self._host, self._requested_port, self._service, self._dispatch,
+                                          _format_error, _log_from_core, hello, self._max_message_bytes)
+            except BaseException:
+                if bcast is not None:
+                    bcast.close()
+                raise
             self._bound_port = self._core.port
+            if bcast is not None:
+                with self._bcast_lock:
+                    self._bcast = bcast
+                    pending, self._pending_publish = self._pending_publish, _NOTHING
+                    if pending is not _NOTHING:
+                        bcast.publish(pending)
+                t = threading.Thread(target=bcast.run, args=(False,), daemon=True,
+                                     name=f"edgeml-{type(self).__name__}-broadcast-{bcast.port}")
+                self._bcast_thread = t
+                t.start()
             self._state = "running"
             _running_servers.add(self)
         if threaded:
@@ -128,11 +181,40 @@ class ServerBase:
             self._error = e
             raise
         finally:
+            self._stop_broadcaster(None)
             with self._lock:
                 self._state = "stopped"
                 _running_servers.discard(self)
                 if self._core is core:
                     core.close()
+
+    def _stop_broadcaster(self, timeout: Optional[float]) -> None:
+        """Stop the broadcast listener and free its port (idempotent)."""
+        with self._bcast_lock:
+            b, self._bcast = self._bcast, None
+            t, self._bcast_thread = self._bcast_thread, None
+            if b is None:
+                return
+            finished = b.stop(-1.0 if timeout is None else float(timeout))
+            if t is not None and t is not threading.current_thread():
+                t.join(timeout)
+            if finished and (t is None or not t.is_alive()):
+                b.close()
+
+    def _publish(self, value: Any) -> int:
+        """Make ``value`` the broadcast value; returns its version (0 when
+        kept until ``start()``)."""
+        with self._bcast_lock:
+            b = self._bcast
+            if b is None:
+                if self._requested_bport is None:
+                    raise errors.InvalidArgumentError(
+                        f"{type(self).__name__} has no broadcast port: set broadcast_port in its config")
+                if self._state == "created":
+                    self._pending_publish = value  # sent when start() binds the broadcast port
+                    return 0
+                raise errors.ClosedError(f"{type(self).__name__} is stopped; cannot publish")
+            return b.publish(value)
 
     def stop(self, timeout: Optional[float] = None) -> None:
         """Stop serving: no new connections, replies already computed are
@@ -143,6 +225,9 @@ class ServerBase:
         if core is None or self._state != "running":
             return
         finished = core.stop(-1.0 if timeout is None else float(timeout))
+        if core.on_loop_thread():
+            return  # from a handler: the serving thread stops the rest after it
+        self._stop_broadcaster(timeout)
         t = self._thread
         if t is not None and t is not threading.current_thread() and finished:
             t.join(timeout)
@@ -156,9 +241,23 @@ class ServerBase:
         self.stop()
 
     def stats(self) -> dict:
-        """Counters: connections open and total, requests, errors sent."""
+        """Counters: connections open and total, requests, errors sent; with
+        a broadcast port also ``broadcast`` (subscribers, publishes, sends)."""
         c = self._core
-        return c.stats() if c is not None and self._state == "running" else {}
+        if c is None or self._state != "running":
+            return {}
+        st = c.stats()
+        for k in ("subscribers", "publishes", "publish_sends"):
+            st.pop(k, None)
+        b = self._bcast
+        if b is not None:
+            try:
+                bs = b.stats()
+                st["broadcast"] = {"subscribers": bs["subscribers"], "publishes": bs["publishes"],
+                                   "sends": bs["publish_sends"]}
+            except Exception:  # closed meanwhile
+                pass
+        return st
 
     def _repr_extra(self) -> str:
         return ""
@@ -176,6 +275,102 @@ def _hello_bytes(info: Any) -> bytes:
     frame = _core.encode_frame(info)
     body_len = int.from_bytes(frame[16:20], "little")
     return frame[64:64 + body_len]
+
+
+def _decode_hello(body: bytes) -> Any:
+    """The value of a msgpack body (a server's handshake), decoded and checked
+    like any frame's."""
+    padded = body + b"\0" * (-len(body) % 8)
+    hdr = bytearray(64)
+    hdr[0:4] = b"EDGM"
+    hdr[4] = _core.PROTOCOL_VERSION
+    hdr[5] = _core.MSG_REPLY
+    hdr[16:20] = len(body).to_bytes(4, "little")
+    hdr[24:32] = (64 + len(padded)).to_bytes(8, "little")
+    return _core.decode_frame(bytes(hdr) + padded)["payload"]
+
+
+class _Subscription:
+    """Receives a server's broadcasts on a daemon thread and calls the
+    callbacks with each value, newest first: a callback slower than the
+    publisher skips to the newest value, it never works through a backlog.
+    A lost connection is re-dialled with backoff (logged once per outage);
+    an exception in a callback is logged and the subscription goes on."""
+
+    def __init__(self, host: str, port: int, service: str, *, connect_timeout: float = 5.0,
+                 max_message_bytes: Optional[int] = None, what: str = "broadcast"):
+        self.host, self.port, self.what = host, port, what
+        self._sub = _core.Subscriber(host, port, service, float(connect_timeout), int(max_message_bytes or 0))
+        self._callbacks: list = []
+        self._cv = threading.Condition()
+        self._closed = False
+        self.latest: Any = None
+        self.version = 0
+        self.received = 0
+        self._thread = threading.Thread(target=self._run, daemon=True, name=f"edgeml-subscribe-{port}")
+        self._thread.start()
+
+    def add_callback(self, cb: Callable[[Any], Any]) -> None:
+        if not callable(cb):
+            raise TypeError(f"{cb!r} is not callable")
+        self._callbacks = self._callbacks + [cb]
+
+    @property
+    def connected(self) -> bool:
+        return self._sub.connected
+
+    def _run(self) -> None:
+        sub, lost = self._sub, False
+        while not self._closed:
+            try:
+                r = sub.next(1.0)
+            except errors.ClosedError:
+                break
+            except errors.EdgeMLError as e:
+                if self._closed:
+                    break
+                if not lost:
+                    log.warning("%s from %s:%s: %s; reconnecting", self.what, self.host, self.port, e)
+                    lost = True
+                continue
+            if r is None:
+                continue
+            if lost:
+                log.info("%s from %s:%s: connected again", self.what, self.host, self.port)
+                lost = False
+            version, value, _ts = r
+            with self._cv:
+                self.latest, self.version = value, version
+                self.received += 1
+                self._cv.notify_all()
+            for cb in self._callbacks:
+                try:
+                    cb(value)
+                except Exception:
+                    log.exception("%s callback %r raised; the subscription goes on", self.what, cb)
+
+    def wait(self, after_version: int = 0, timeout: Optional[float] = None) -> Any:
+        """The newest value with a version above ``after_version``, waiting up
+        to ``timeout`` seconds for one (EdgeMLTimeoutError if none)."""
+        with self._cv:
+            if not self._cv.wait_for(lambda: self.version > after_version or self._closed, timeout):
+                raise errors.EdgeMLTimeoutError(
+                    f"no {self.what} from {self.host}:{self.port} within {timeout} s")
+            if self.version <= after_version:
+                raise errors.ClosedError(f"{self.what} subscription to {self.host}:{self.port} is closed")
+            return self.latest
+
+    def close(self, timeout: float = 5.0) -> None:
+        with self._cv:
+            if self._closed:
+                return
+            self._closed = True
+            self._cv.notify_all()
+        self._sub.shutdown()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+            if not self._thread.is_alive():
+                self._sub.close()
 
 
 class ClientBase:
@@ -223,6 +418,19 @@ class ClientBase:
                 self._executor = concurrent.futures.ThreadPoolExecutor(
                     max_workers=8, thread_name_prefix=f"edgeml-{type(self).__name__}")
             return self._executor.submit(fn, *args)
+
+    def _server_info(self) -> dict:
+        """What the server said in its handshake about itself (its role's
+        ``hello_info``), or {}."""
+        core = self._core
+        if core is None:
+            raise errors.ClosedError(f"client for {self.host}:{self.port} is closed")
+        try:
+            hello = _decode_hello(core.hello())
+        except errors.EdgeMLError:
+            return {}
+        info = hello.get("info") if isinstance(hello, dict) else None
+        return info if isinstance(info, dict) else {}
 
     def ping(self, timeout: Optional[float] = None) -> float:
         """Round trip of an empty PING, in seconds."""

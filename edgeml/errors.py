@@ -86,6 +86,42 @@ class UnknownInterfaceError(EdgeMLError, builtins.LookupError):
         return (type(self), (self.args[0], self.interfaces))
 
 
+class InvalidKeyError(EdgeMLError, builtins.KeyError):
+    """A key that the config does not declare (an observation or action key,
+    a payload key); the message names the key and the declared ones."""
+
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return str(self.args[0]) if self.args else ""
+
+
+class UnknownRequestTypeError(EdgeMLError, builtins.LookupError):
+    """``TrainerClient.request`` with a type the config's ``request_types``
+    does not list; ``request_types`` holds those it does."""
+
+    def __init__(self, message: str, request_types=()):
+        super().__init__(message)
+        self.request_types = list(request_types)
+
+    def __reduce__(self):
+        return (type(self), (self.args[0], self.request_types))
+
+
+class UnknownDataStoreError(EdgeMLError, builtins.LookupError):
+    """Data sent for a store name the trainer has not registered."""
+
+
+class RateLimitError(EdgeMLError, builtins.RuntimeError):
+    """A call came sooner than the config's ``rate_limit`` allows;
+    ``retry_after`` is how many seconds to wait."""
+
+    def __init__(self, message: str, retry_after: float = 0.0):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def __reduce__(self):
+        return (type(self), (self.args[0], self.retry_after))
+
+
 class InterruptedError_(EdgeMLError, builtins.InterruptedError):
     """A wait was interrupted."""
 
@@ -116,6 +152,11 @@ _WIRE_ERRORS = {
     "edgeml.UnknownInterfaceError": UnknownInterfaceError,
     "edgeml.DecodeError": DecodeError,
     "HandshakeError": HandshakeError,
+    "edgeml.InvalidKeyError": InvalidKeyError,
+    "edgeml.UnknownRequestTypeError": UnknownRequestTypeError,
+    "edgeml.UnknownDataStoreError": UnknownDataStoreError,
+    "edgeml.InvalidArgumentError": InvalidArgumentError,
+    "edgeml.ProtocolError": ProtocolError,
 }
 
 
@@ -135,6 +176,8 @@ def from_error_reply(info: dict) -> Exception:
     cls = _WIRE_ERRORS.get(rtype)
     if cls is UnknownInterfaceError:
         return UnknownInterfaceError(message, info.get("interfaces") or ())
+    if cls is UnknownRequestTypeError:
+        return UnknownRequestTypeError(message, info.get("request_types") or ())
     if cls is not None:
         return cls(message)
     return RemoteError(rtype, message, str(info.get("traceback", "")))
@@ -143,5 +186,6 @@ def from_error_reply(info: dict) -> Exception:
 __all__ = [
     "EdgeMLError", "EdgeMLTimeoutError", "EdgeMLConnectionError", "HandshakeError", "ProtocolError",
     "ClosedError", "MessageTooLargeError", "AddressInUseError", "InvalidArgumentError", "EncodeError",
-    "DecodeError", "RemoteError", "UnknownInterfaceError",
+    "DecodeError", "RemoteError", "UnknownInterfaceError", "InvalidKeyError", "UnknownRequestTypeError",
+    "UnknownDataStoreError", "RateLimitError",
 ]

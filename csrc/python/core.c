@@ -334,7 +334,7 @@ static int em__server_init(PyObject *self, PyObject *args, PyObject *kw) {
   o.hello_info = info.buf;
   o.hello_info_len = info.buf ? (size_t)info.len : 0;
   o.max_message_bytes = max_bytes;
-  o.handler = em__handler;
+  o.handler = dispatch == Py_None ? NULL : em__handler; /* None: broadcast only */
   o.handler_ud = s;
   o.tick = em__tick;
   o.tick_ud = s;
@@ -395,14 +395,47 @@ static PyObject *em__server_stop(PyObject *self, PyObject *args) {
   return PyBool_FromLong(rc == EM_OK);
 }
 
+/* publish(obj) -> version: obj becomes the server's broadcast value. The
+ * frame is copied (GIL released) so obj may change afterwards. */
+static PyObject *em__server_publish(PyObject *self, PyObject *obj) {
+  em__pyserver *s = (em__pyserver *)self;
+  if (!s->s) return em_py_raise(EM_ECLOSED, "server is closed");
+  em_payload p;
+  if (em_payload_init(&p)) return PyErr_NoMemory();
+  em_py_keep keep = {0};
+  PyObject *result = NULL;
+  if (em_py_encode(&p, &keep, obj, "payload") == 0) {
+    uint64_t version = 0;
+    int rc;
+    em_server *ss = s->s;
+    Py_BEGIN_ALLOW_THREADS
+    rc = em_server_publish(ss, &p, &version);
+    Py_END_ALLOW_THREADS
+    if (rc == EM_OK) result = PyLong_FromUnsignedLongLong(version);
+    else if (rc == EM_ETOOBIG) em_py_raise(rc, "cannot publish: the value exceeds the server's max_message_bytes");
+    else if (rc == EM_ECLOSED) em_py_raise(rc, "cannot publish: the server has stopped");
+    else em_py_raise(rc, "cannot publish: %s", em_strerror(rc));
+  }
+  em_py_keep_release(&keep);
+  PyMem_Free(keep.views);
+  em_payload_destroy(&p);
+  return result;
+}
+
+static PyObject *em__server_on_loop(PyObject *self, PyObject *unused) {
+  em__pyserver *s = (em__pyserver *)self;
+  return PyBool_FromLong(s->s && em_server_on_loop_thread(s->s));
+}
+
 static PyObject *em__server_stats(PyObject *self, PyObject *unused) {
   em__pyserver *s = (em__pyserver *)self;
   if (!s->s) return PyDict_New();
   em_server_stats st;
   em_server_get_stats(s->s, &st);
-  return Py_BuildValue("{sKsKsKsKsK}", "connections_open", st.connections_open, "connections_total",
+  return Py_BuildValue("{sKsKsKsKsKsKsKsK}", "connections_open", st.connections_open, "connections_total",
                        st.connections_total, "requests", st.requests, "errors_sent", st.errors_sent,
-                       "protocol_errors", st.protocol_errors);
+                       "protocol_errors", st.protocol_errors, "subscribers", st.subscribers, "publishes",
+                       st.publishes, "publish_sends", st.publish_sends);
 }
 
 static void em__server_free(em__pyserver *s) {
@@ -439,6 +472,8 @@ static PyMethodDef em__server_methods[] = {
     {"run", em__server_run, METH_VARARGS, "run(check_signals=False): serve on this thread until stop()"},
     {"stop", em__server_stop, METH_VARARGS, "stop(timeout=-1) -> bool: stop and wait for run() to return"},
     {"stats", em__server_stats, METH_NOARGS, "counters"},
+    {"on_loop_thread", em__server_on_loop, METH_NOARGS, "True when called from the serving thread"},
+    {"publish", em__server_publish, METH_O, "publish(obj) -> version: set the broadcast value"},
     {"close", em__server_close, METH_NOARGS, "free the server (after run returned)"},
     {NULL}};
 
@@ -454,6 +489,122 @@ static PyTypeObject em__server_type = {
     .tp_dealloc = em__server_dealloc,
     .tp_methods = em__server_methods,
     .tp_getset = em__server_getset,
+};
+
+/* ============================================================ Subscriber */
+
+typedef struct {
+  PyObject_HEAD
+  em_sub *sub;
+  int busy; /* a next() is running (GIL-protected) */
+  char where[300];
+} em__pysub;
+
+static int em__sub_init(PyObject *self, PyObject *args, PyObject *kw) {
+  em__pysub *s = (em__pysub *)self;
+  static char *kwlist[] = {"host", "port", "service", "connect_timeout", "max_message_bytes", NULL};
+  const char *host, *service = NULL;
+  int port;
+  double connect_timeout = 0;
+  unsigned long long max_bytes = 0;
+  if (!PyArg_ParseTupleAndKeywords(args, kw, "si|zdK", kwlist, &host, &port, &service, &connect_timeout, &max_bytes))
+    return -1;
+  if (port < 0 || port > 65535) {
+    PyErr_Format(PyExc_ValueError, "port must be in 0..65535, got %d", port);
+    return -1;
+  }
+  snprintf(s->where, sizeof s->where, strchr(host, ':') ? "[%s]:%d" : "%s:%d", host, port);
+  em_client_opts o = {0};
+  o.connect_timeout_ns = connect_timeout > 0 ? (uint64_t)(connect_timeout * 1e9) : 0;
+  o.max_message_bytes = max_bytes;
+  o.service = service;
+  char why[300] = "";
+  o.errbuf = why;
+  o.errbuf_len = sizeof why;
+  int rc;
+  Py_BEGIN_ALLOW_THREADS
+  rc = em_sub_open(&s->sub, host, (uint16_t)port, &o);
+  Py_END_ALLOW_THREADS
+  if (rc) {
+    em_py_raise(rc, "cannot subscribe to broadcasts at %s: %s", s->where, why[0] ? why : em_strerror(rc));
+    return -1;
+  }
+  return 0;
+}
+
+/* next(timeout) -> (version, payload, publish_ts_ns), or None on timeout. */
+static PyObject *em__sub_next(PyObject *self, PyObject *args) {
+  em__pysub *s = (em__pysub *)self;
+  double timeout;
+  if (!PyArg_ParseTuple(args, "d", &timeout)) return NULL;
+  if (!s->sub) return em_py_raise(EM_ECLOSED, "subscription to %s is closed", s->where);
+  if (s->busy) return em_py_raise(EM_EINVAL, "next() is already running on another thread");
+  uint64_t tmo = timeout < 0 ? EM_FOREVER : (uint64_t)(timeout * 1e9);
+  em_msg *m = NULL;
+  int rc;
+  em_sub *sub = s->sub;
+  s->busy = 1;
+  Py_BEGIN_ALLOW_THREADS
+  rc = em_sub_next(sub, tmo, &m);
+  Py_END_ALLOW_THREADS
+  s->busy = 0;
+  if (rc == EM_ETIMEDOUT) Py_RETURN_NONE;
+  if (rc) {
+    if (rc == EM_ECONNCLOSED) return em_py_raise(rc, "lost the broadcast connection to %s", s->where);
+    return em_py_raise(rc, "broadcast from %s: %s", s->where, em_strerror(rc));
+  }
+  PyObject *v = em_py_decode(m, NULL);
+  PyObject *out = v ? Py_BuildValue("(KNK)", (unsigned long long)m->req_id, v, (unsigned long long)m->ts_ns[0]) : NULL;
+  em_msg_free(m);
+  return out;
+}
+
+static PyObject *em__sub_shutdown(PyObject *self, PyObject *unused) {
+  em__pysub *s = (em__pysub *)self;
+  if (s->sub) em_sub_shutdown(s->sub);
+  Py_RETURN_NONE;
+}
+
+static PyObject *em__sub_close(PyObject *self, PyObject *unused) {
+  em__pysub *s = (em__pysub *)self;
+  if (s->busy) return em_py_raise(EM_EINVAL, "shutdown() and wait for next() to return before close()");
+  if (s->sub) {
+    em_sub_close(s->sub);
+    s->sub = NULL;
+  }
+  Py_RETURN_NONE;
+}
+
+static PyObject *em__sub_connected(PyObject *self, void *closure) {
+  em__pysub *s = (em__pysub *)self;
+  return PyBool_FromLong(s->sub && em_sub_connected(s->sub));
+}
+
+static void em__sub_dealloc(PyObject *self) {
+  em__pysub *s = (em__pysub *)self;
+  if (s->sub) em_sub_close(s->sub); /* no next() can run: it holds a reference */
+  Py_TYPE(self)->tp_free(self);
+}
+
+static PyMethodDef em__sub_methods[] = {
+    {"next", em__sub_next, METH_VARARGS, "next(timeout) -> (version, payload, publish_ts_ns) or None"},
+    {"shutdown", em__sub_shutdown, METH_NOARGS, "make a waiting next() return (ClosedError)"},
+    {"close", em__sub_close, METH_NOARGS, "close the connection"},
+    {NULL}};
+
+static PyGetSetDef em__sub_getset[] = {{"connected", em__sub_connected, NULL, "has a live connection", NULL},
+                                       {NULL}};
+
+static PyTypeObject em__sub_type = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "edgeml._core.Subscriber",
+    .tp_basicsize = sizeof(em__pysub),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Subscriber(host, port, service=None, connect_timeout=0.0, max_message_bytes=0)",
+    .tp_new = PyType_GenericNew,
+    .tp_init = em__sub_init,
+    .tp_dealloc = em__sub_dealloc,
+    .tp_methods = em__sub_methods,
+    .tp_getset = em__sub_getset,
 };
 
 /* ================================================================ module */
@@ -578,7 +729,7 @@ static struct PyModuleDef em__module = {PyModuleDef_HEAD_INIT, "edgeml._core", "
 
 PyMODINIT_FUNC PyInit__core(void) {
   if (PyType_Ready(&em__client_type) < 0 || PyType_Ready(&em__server_type) < 0 ||
-      PyType_Ready(&em_py_framebuf_type) < 0)
+      PyType_Ready(&em_py_framebuf_type) < 0 || PyType_Ready(&em__sub_type) < 0)
     return NULL;
   PyObject *m = PyModule_Create(&em__module);
   if (!m) return NULL;
@@ -586,6 +737,8 @@ PyMODINIT_FUNC PyInit__core(void) {
   PyModule_AddObject(m, "Client", (PyObject *)&em__client_type);
   Py_INCREF(&em__server_type);
   PyModule_AddObject(m, "Server", (PyObject *)&em__server_type);
+  Py_INCREF(&em__sub_type);
+  PyModule_AddObject(m, "Subscriber", (PyObject *)&em__sub_type);
   Py_INCREF(&em_py_framebuf_type);
   PyModule_AddObject(m, "FrameBuffer", (PyObject *)&em_py_framebuf_type);
   PyModule_AddIntConstant(m, "PROTOCOL_VERSION", EM_PROTOCOL_VERSION);
