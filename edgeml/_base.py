@@ -305,7 +305,8 @@ class _Subscription:
         self._cv = threading.Condition()
         self._closed = False
         self.latest: Any = None
-        self.version = 0
+        self.version = 0          # values received so far (the latest's number)
+        self.server_version = 0   # the server's number for it (restarts at 1 with the server)
         self.received = 0
         self._thread = threading.Thread(target=self._run, daemon=True, name=f"edgeml-subscribe-{port}")
         self._thread.start()
@@ -338,10 +339,11 @@ class _Subscription:
             if lost:
                 log.info("%s from %s:%s: connected again", self.what, self.host, self.port)
                 lost = False
-            version, value, _ts = r
+            server_version, value, _ts = r
             with self._cv:
-                self.latest, self.version = value, version
+                self.latest, self.server_version = value, server_version
                 self.received += 1
+                self.version = self.received  # local and increasing, also across server restarts
                 self._cv.notify_all()
             for cb in self._callbacks:
                 try:

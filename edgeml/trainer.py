@@ -465,15 +465,16 @@ class TrainerClient(ClientBase):
 
     def latest_network(self, timeout: Optional[float] = None, after_version: int = 0) -> Any:
         """The newest weights received (after ``recv_network_callback``),
-        waiting up to ``timeout`` seconds for weights newer than version
-        ``after_version``."""
+        waiting up to ``timeout`` seconds for some newer than
+        ``after_version`` (a ``network_version`` seen before)."""
         if self._subscription is None:
             raise errors.InvalidArgumentError("call recv_network_callback first")
         return self._subscription.wait(after_version, timeout)
 
     @property
     def network_version(self) -> int:
-        """Version of the newest weights received (0: none yet)."""
+        """How many weights broadcasts this client has received (the newest's
+        number; 0: none yet). Increases across server restarts."""
         return self._subscription.version if self._subscription is not None else 0
 
     # -- lifecycle

@@ -98,3 +98,45 @@ def server_process():
     yield make
     for p in procs:
         p.kill()
+
+
+@pytest.fixture
+def cleanup():
+    """Register things with a stop() or close() to run after the test, last
+    registered first (clients before their servers)."""
+    items = []
+
+    def add(obj):
+        items.append(obj)
+        return obj
+
+    yield add
+    for obj in reversed(items):
+        try:
+            (getattr(obj, "stop", None) or obj.close)()
+        except Exception:
+            pass
+
+
+def wait_until(cond, timeout=5.0, interval=0.01):
+    """Poll cond() until it is true; False after `timeout` (scaled) seconds."""
+    import time
+    end = time.monotonic() + scaled(timeout)
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(interval)
+    return bool(cond())
+
+
+def port_is_free(port: int) -> bool:
+    import socket
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind(("127.0.0.1", port))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
