@@ -20,3 +20,14 @@ def test_package_root_exports():
     for name in edgeml.__all__:
         assert hasattr(edgeml, name), name
     assert os.path.exists(os.path.join(ROOT, "edgeml", "py.typed"))
+
+
+def test_every_subpackage_is_packaged():
+    import tomllib
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        listed = set(tomllib.load(f)["tool"]["setuptools"]["packages"])
+    found = set()
+    for d, _dirs, files in os.walk(os.path.join(ROOT, "edgeml")):
+        if "__init__.py" in files and "__pycache__" not in d:
+            found.add(os.path.relpath(d, ROOT).replace(os.sep, "."))
+    assert found == listed
