@@ -43,10 +43,19 @@ def _log_from_core(level: int, msg: str) -> None:
 _running_servers: "weakref.WeakSet[ServerBase]" = weakref.WeakSet()
 
 
+_live_subscriptions: "weakref.WeakSet[_Subscription]" = weakref.WeakSet()
+
+
 @atexit.register
 def _stop_running_servers() -> None:
     """Servers still running on daemon threads are stopped cleanly at exit,
-    so their clients see a closed connection, not a hung one."""
+    so their clients see a closed connection, not a hung one; subscription
+    threads are stopped before the interpreter goes away under them."""
+    for sub in list(_live_subscriptions):
+        try:
+            sub.close(timeout=1.0)
+        except Exception:  # pragma: no cover - best effort at exit
+            pass
     for s in list(_running_servers):
         try:
             s.stop(timeout=2.0)
@@ -310,6 +319,7 @@ class _Subscription:
         self.received = 0
         self._thread = threading.Thread(target=self._run, daemon=True, name=f"edgeml-subscribe-{port}")
         self._thread.start()
+        _live_subscriptions.add(self)
 
     def add_callback(self, cb: Callable[[Any], Any]) -> None:
         if not callable(cb):
