@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 from dataclasses import dataclass
-from typing import Any, Callable, Collection, Dict, FrozenSet, Iterable, List, Optional
+from typing import Any, Callable, Collection, FrozenSet, Iterable, List, Optional
 
 from . import errors
 from ._base import DEFAULT_TIMEOUT, ClientBase, ServerBase, _check_port, _Subscription, wrap_future
@@ -254,7 +254,8 @@ class EdgeClient(ClientBase):
             bport = bport or self._server_bport
             if not bport:
                 raise errors.InvalidArgumentError(
-                    f"the EdgeServer at {self.host}:{self.port} has no broadcast port (set broadcast_port in its config)")
+                    f"the EdgeServer at {self.host}:{self.port} has no broadcast port "
+                    "(set broadcast_port in its config)")
             self._subscription = _Subscription(self.host, bport, "edge.broadcast",
                                                connect_timeout=self._connect_timeout, what="observations")
         self._subscription.add_callback(callback)

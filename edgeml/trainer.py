@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Collection, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Collection, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -58,8 +58,9 @@ class TrainerConfig:
             _key_list(self.payload_keys, "payload_keys")
         _key_list(self.request_types, "request_types")
         if self.rate_limit is not None:
-            if isinstance(self.rate_limit, bool) or not isinstance(self.rate_limit, (int, float)) or self.rate_limit <= 0:
-                raise ValueError(f"rate_limit must be a positive number of calls per second or None, got {self.rate_limit!r}")
+            r = self.rate_limit
+            if isinstance(r, bool) or not isinstance(r, (int, float)) or r <= 0:
+                raise ValueError(f"rate_limit must be a positive number of calls per second or None, got {r!r}")
 
     def _compat(self) -> dict:
         return {"payload_keys": None if self.payload_keys is None else sorted(self.payload_keys),

@@ -2,7 +2,6 @@
 managers, async calls, Ctrl-C."""
 import asyncio
 import concurrent.futures
-import os
 import signal
 import socket
 import subprocess
