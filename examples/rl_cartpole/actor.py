@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import edgeml  # noqa: E402
 from learner import make_config  # noqa: E402
-from policy import act  # noqa: E402
+from policy import act_logp  # noqa: E402
 
 
 def main() -> None:
@@ -55,11 +55,11 @@ def main() -> None:
     while time.monotonic() - t0 < a.seconds:
         if client.network_version != (versions[-1] if versions else 0):
             weights = client.latest_network(timeout=0)
-        action = act(weights, obs, rng)
+        action, logp = act_logp(weights, obs, rng)  # logp lets the learner correct for stale weights
         next_obs, reward, terminated, truncated, _ = env.step(action)
         done = bool(terminated or truncated)
         local.insert({"obs": np.asarray(obs, np.float32), "action": int(action), "reward": float(reward),
-                      "done": done, "terminated": bool(terminated), "episode": episode})
+                      "done": done, "terminated": bool(terminated), "episode": episode, "logp": float(logp)})
         ep_return += reward
         obs = next_obs
         if done:

@@ -1,50 +1,46 @@
 """A small numpy policy-gradient learner for gymnasium's ``CartPole-v1``.
 
 The policy is a two-layer MLP (4 observations -> ``hidden`` tanh units -> 2
-action logits, softmax) with a linear value head on the same hidden features
-that serves as a baseline. Learning is REINFORCE: the learner buffers whole
-episodes, and once ``batch_episodes`` of them are complete it computes the
-discounted return-to-go ``G_t`` of every step, takes the advantage
-``A_t = G_t - V(s_t)``, normalizes it over the batch, and ascends
-``mean_t A_t * log pi(a_t | s_t)`` (plus a small entropy bonus) with Adam, while
-regressing the value head towards ``G_t`` (the value loss does not flow into
-the shared hidden layer, so the baseline never disturbs the policy features).
-Everything is plain numpy with hand-written gradients. The split is meant for
-a distributed setup: an *actor* only needs :func:`init_weights`-shaped
-weights and :func:`act`; a :class:`Learner` receives transitions in any
-batching, regroups them into episodes and produces new weights. On-policy
-REINFORCE is used as is; data collected with weights one or two updates stale
-is tolerated (the step size is small and gradients are norm-clipped).
+action logits, softmax), trained with REINFORCE: the :class:`Learner` regroups
+incoming transitions into whole episodes, and once ``batch_episodes`` of them
+are complete it computes the discounted return-to-go ``G_t`` of every step,
+normalizes those returns over the batch (zero mean, unit variance, which acts
+as a baseline), and ascends ``mean_t G_t * log pi(a_t | s_t)`` plus a small
+entropy bonus with a hand-written numpy Adam and global gradient-norm
+clipping. It is made to be split in two: an *actor* needs only the weights
+(a plain ``dict`` of float32 arrays) and :func:`act`; the learner receives
+transitions in any batching and produces new weights. Data collected with
+weights one or two updates stale is tolerated by the small step size; if the
+actor also records the log-probability of each action it took
+(:func:`act_logp`, key ``"logp"``), the learner reweights each step by the
+ratio pi/pi_old with PPO's clipping, which removes the staleness bias.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import Any, Hashable
+from collections.abc import Hashable, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
-__all__ = ["OBS_DIM", "N_ACTIONS", "init_weights", "act", "Learner", "evaluate"]
+__all__ = ["N_ACTIONS", "OBS_DIM", "Learner", "act", "act_logp", "evaluate", "init_weights"]
 
 OBS_DIM = 4
 N_ACTIONS = 2
-_KEYS = ("w1", "b1", "w2", "b2", "wv", "bv")
+_KEYS = ("w1", "b1", "w2", "b2")
 
 Weights = dict[str, np.ndarray]
 
 
 def init_weights(seed: int = 0, hidden: int = 64) -> Weights:
-    """Fresh float32 weights: ``w1`` (4, hidden), ``b1`` (hidden,),
-    ``w2`` (hidden, 2), ``b2`` (2,) for the policy and ``wv`` (hidden,),
-    ``bv`` (1,) for the value head. The output layers start near zero, so
-    the initial policy is close to uniform."""
+    """Fresh float32 weights ``w1`` (4, hidden), ``b1`` (hidden,),
+    ``w2`` (hidden, 2), ``b2`` (2,). The output layer starts near zero, so the
+    initial policy is close to uniform."""
     rng = np.random.default_rng(seed)
     w = {
         "w1": rng.normal(0.0, 1.0 / np.sqrt(OBS_DIM), (OBS_DIM, hidden)),
         "b1": np.zeros(hidden),
         "w2": rng.normal(0.0, 0.01, (hidden, N_ACTIONS)),
         "b2": np.zeros(N_ACTIONS),
-        "wv": np.zeros(hidden),
-        "bv": np.zeros(1),
     }
     return {k: v.astype(np.float32) for k, v in w.items()}
 
@@ -60,11 +56,21 @@ def _probs(weights: Mapping[str, np.ndarray], obs: np.ndarray) -> np.ndarray:
     return np.exp(_log_softmax(h @ weights["w2"] + weights["b2"]))
 
 
+def act_logp(weights: Mapping[str, np.ndarray], obs: np.ndarray,
+             rng: np.random.Generator) -> tuple[int, float]:
+    """Like :func:`act`, but also return the log-probability of the chosen
+    action under ``weights``; an actor that puts it in the transition as
+    ``"logp"`` lets the :class:`Learner` correct for stale weights."""
+    h = np.tanh(np.asarray(obs, dtype=np.float32).reshape(OBS_DIM) @ weights["w1"] + weights["b1"])
+    logp = _log_softmax(h @ weights["w2"] + weights["b2"])
+    cdf = np.cumsum(np.exp(logp))
+    a = min(int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")), N_ACTIONS - 1)
+    return a, float(logp[a])
+
+
 def act(weights: Mapping[str, np.ndarray], obs: np.ndarray, rng: np.random.Generator) -> int:
     """Sample an action from the softmax policy for one observation (shape (4,))."""
-    p = _probs(weights, np.asarray(obs, dtype=np.float32).reshape(OBS_DIM))
-    a = int(np.searchsorted(np.cumsum(p), rng.random() * p.sum(), side="right"))
-    return min(a, N_ACTIONS - 1)
+    return act_logp(weights, obs, rng)[0]
 
 
 def _greedy(weights: Mapping[str, np.ndarray], obs: np.ndarray) -> int:
@@ -126,16 +132,18 @@ class Learner:
     of :meth:`add_transition` calls and interleaved with other episodes.
     """
 
-    def __init__(self, weights: Mapping[str, np.ndarray] | None = None, lr: float = 0.01,
-                 gamma: float = 0.99, seed: int = 0, hidden: int = 32,
-                 batch_episodes: int = 8, value_lr: float | None = None,
-                 entropy_coef: float = 0.0, max_grad_norm: float = 1.0,
-                 max_pending: int = 256) -> None:
-        """``weights`` default to ``init_weights(seed, hidden)``; ``lr`` is the
-        Adam step size of the policy (``value_lr``, default ``lr``, of the
-        value head); an update runs once ``batch_episodes`` episodes are
-        complete; ``max_pending`` caps the number of unfinished episodes kept
-        (the oldest are dropped, e.g. those of an actor that died)."""
+    def __init__(self, weights: Mapping[str, np.ndarray] | None = None, lr: float = 0.002,
+                 gamma: float = 0.99, seed: int = 0, hidden: int = 64,
+                 batch_episodes: int = 8, entropy_coef: float = 0.01, max_grad_norm: float = 1.0,
+                 max_pending: int = 256, clip_ratio: float = 0.2) -> None:
+        """``weights`` default to ``init_weights(seed, hidden)`` (``seed`` is
+        used for nothing else: training itself draws no random numbers);
+        ``lr`` is Adam's step size; an update runs once ``batch_episodes``
+        episodes are complete; ``entropy_coef`` weighs the entropy bonus;
+        gradients are clipped to global norm ``max_grad_norm`` (0: off);
+        ``clip_ratio`` is PPO's epsilon, used only for steps that carry
+        ``"logp"``; ``max_pending`` caps the number of unfinished episodes
+        kept (the oldest are dropped, e.g. those of an actor that died)."""
         w = init_weights(seed, hidden) if weights is None else weights
         missing = [k for k in _KEYS if k not in w]
         if missing:
@@ -146,11 +154,10 @@ class Learner:
         self.entropy_coef = float(entropy_coef)
         self.max_grad_norm = float(max_grad_norm)
         self.max_pending = int(max_pending)
-        self._pi_opt = _Adam({k: self._params[k] for k in ("w1", "b1", "w2", "b2")}, lr)
-        self._v_opt = _Adam({k: self._params[k] for k in ("wv", "bv")},
-                            lr if value_lr is None else value_lr)
-        self._pending: dict[Hashable, list[tuple[np.ndarray, int, float]]] = {}
-        self._complete: list[list[tuple[np.ndarray, int, float]]] = []
+        self.clip_ratio = float(clip_ratio)
+        self._opt = _Adam(self._params, lr)
+        self._pending: dict[Hashable, list[tuple[np.ndarray, int, float, float]]] = {}
+        self._complete: list[list[tuple[np.ndarray, int, float, float]]] = []
         self.updates = 0
         self.episodes_trained = 0
         self.steps_trained = 0
@@ -174,7 +181,8 @@ class Learner:
         action = int(t["action"])
         if not 0 <= action < N_ACTIONS:
             raise ValueError(f"action {action} out of range")
-        step = (obs, action, float(t["reward"]))
+        logp = t.get("logp")
+        step = (obs, action, float(t["reward"]), np.nan if logp is None else float(logp))
         ep = self._pending.setdefault(key, [])
         ep.append(step)
         if bool(t["done"]):
@@ -210,41 +218,40 @@ class Learner:
 
         obs = np.stack([s[0] for ep in episodes for s in ep]).astype(np.float64)
         actions = np.array([s[1] for ep in episodes for s in ep], dtype=np.int64)
+        old_logp = np.array([s[3] for ep in episodes for s in ep])
         returns = np.concatenate([self._returns_to_go([s[2] for s in ep]) for ep in episodes])
         n = len(actions)
 
         p = self._params
-        h = np.tanh(obs @ p["w1"] + p["b1"])                # (n, H)
-        logp = _log_softmax(h @ p["w2"] + p["b2"])           # (n, A)
+        h = np.tanh(obs @ p["w1"] + p["b1"])                 # (n, hidden)
+        logp = _log_softmax(h @ p["w2"] + p["b2"])            # (n, 2)
         probs = np.exp(logp)
-        values = h @ p["wv"] + p["bv"][0]                     # (n,)
+        adv = (returns - returns.mean()) / (returns.std() + 1e-8)
 
-        adv = returns - values
-        adv = (adv - adv.mean()) / (adv.std() + 1e-8)
-
-        # policy loss L = -mean(adv * logp[a]) - c * mean(entropy)
+        # loss L = -mean(w * adv * logp[a]) - c * mean(entropy), where w
+        # is 1 (plain REINFORCE) unless the actor sent its "logp": then w is
+        # the ratio pi/pi_old, zeroed where PPO's clipped objective is flat
+        logp_a = logp[np.arange(n), actions]
+        ratio = np.exp(np.clip(logp_a - np.where(np.isnan(old_logp), logp_a, old_logp), -20, 20))
+        w = ratio
+        if self.clip_ratio > 0:
+            flat = ((adv > 0) & (ratio > 1 + self.clip_ratio)) | ((adv < 0) & (ratio < 1 - self.clip_ratio))
+            w = np.where(flat, 0.0, ratio)
         onehot = np.zeros_like(probs)
         onehot[np.arange(n), actions] = 1.0
-        dlogits = -(adv[:, None] * (onehot - probs)) / n
+        dlogits = -((w * adv)[:, None] * (onehot - probs)) / n
         entropy = -(probs * logp).sum(axis=1)
         if self.entropy_coef:
             # dH/dlogits = -p * (logp + H)
             dlogits += self.entropy_coef * probs * (logp + entropy[:, None]) / n
         dh = (dlogits @ p["w2"].T) * (1.0 - h * h)
-        g_pi = {"w1": obs.T @ dh, "b1": dh.sum(axis=0),
-                "w2": h.T @ dlogits, "b2": dlogits.sum(axis=0)}
-        norm = float(np.sqrt(sum(float((g * g).sum()) for g in g_pi.values())))
+        g = {"w1": obs.T @ dh, "b1": dh.sum(axis=0),
+             "w2": h.T @ dlogits, "b2": dlogits.sum(axis=0)}
+        norm = float(np.sqrt(sum(float((x * x).sum()) for x in g.values())))
         if self.max_grad_norm > 0 and norm > self.max_grad_norm:
-            g_pi = {k: g * (self.max_grad_norm / norm) for k, g in g_pi.items()}
+            g = {k: x * (self.max_grad_norm / norm) for k, x in g.items()}
 
-        # value loss 0.5 * mean((V - G)^2), scaled by the return spread so the
-        # step size does not depend on episode length; hidden layer frozen
-        scale = returns.std() + 1e-8
-        dv = (values - returns) / (scale * scale * n)
-        g_v = {"wv": h.T @ dv, "bv": np.array([dv.sum()])}
-
-        self._pi_opt.step(p, g_pi)
-        self._v_opt.step(p, g_v)
+        self._opt.step(p, g)
 
         self.updates += 1
         self.episodes_trained += len(episodes)
@@ -254,7 +261,8 @@ class Learner:
             "mean_return": float(np.mean([sum(s[2] for s in ep) for ep in episodes])),
             "entropy": float(entropy.mean()),
             "grad_norm": norm,
-            "value_error": float(np.sqrt(np.mean((values - returns) ** 2))),
+            "mean_ratio": float(ratio.mean()),
+            "clipped": float((w == 0).mean()),
         }
         return True
 
