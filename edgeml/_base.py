@@ -404,6 +404,18 @@ class ClientBase:
         self._exec_lock = threading.Lock()
         self._core = _core.Client(host, port, self._service, float(connect_timeout), int(max_message_bytes or 0))
 
+    @property
+    def timeout(self) -> Optional[float]:
+        """Default timeout of every call, in seconds (None: wait forever)."""
+        return self._timeout_default
+
+    @timeout.setter
+    def timeout(self, value: Optional[float]) -> None:
+        if value is not None and float(value) < 0:
+            raise ValueError(f"timeout must be >= 0 or None, got {value}")
+        self._timeout_default = value
+        self._timeout_s = -1.0 if value is None else float(value)  # as core.call takes it
+
     def _timeout(self, timeout: Optional[float]) -> float:
         t = self.timeout if timeout is None else timeout
         if t is None:
@@ -417,7 +429,7 @@ class ClientBase:
         core = self._core
         if core is None:
             raise errors.ClosedError(f"client for {self.host}:{self.port} is closed")
-        ok, value = core.call(method, payload, self._timeout(timeout))
+        ok, value = core.call(method, payload, self._timeout(timeout) if timeout is not None else self._timeout_s)
         if ok:
             return value
         raise errors.from_error_reply(value)

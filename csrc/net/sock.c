@@ -121,15 +121,28 @@ int em__writev_all(int fd, struct iovec *iov, int n, uint64_t deadline_ns) {
 }
 
 int em__read_frame(int fd, em__reader *r, uint64_t deadline_ns, em_msg **out, const char **why) {
+  /* A reply is rarely in the socket the moment we start reading for it, and
+   * a recv that came back short has emptied the socket: in both cases poll
+   * first rather than paying for a recv that fails with EAGAIN. */
+  bool expect_empty = !em__reader_mid_frame(r);
   for (;;) {
     int rc = em__reader_next(r, out, why);
     if (rc != 0) return rc;
     uint8_t *p;
     size_t n;
     em__reader_region(r, &p, &n);
+    if (expect_empty) {
+      rc = em__wait_fd(fd, POLLIN, deadline_ns);
+      if (rc) {
+        *why = rc == EM_ETIMEDOUT ? "timed out" : rc == EM_EINTR ? "interrupted" : "poll failed";
+        return rc;
+      }
+      expect_empty = false;
+    }
     ssize_t got = recv(fd, p, n, 0);
     if (got > 0) {
       em__reader_commit(r, (size_t)got);
+      expect_empty = (size_t)got < n;
       continue;
     }
     if (got == 0) {
