@@ -391,12 +391,12 @@ class TrainerClient(ClientBase):
                     log.warning("data store %r dropped %d items before they could be sent (it holds %d); "
                                 "increase its capacity or update more often", name, first - acked - 1,
                                 getattr(store, "capacity", len(items)))
+                # chunks of about _CHUNK_BYTES, sized from the first item (walking
+                # every item costs more than a round trip for small batches)
+                per_chunk = max(1, min(_CHUNK_ITEMS, _CHUNK_BYTES // max(1, _approx_nbytes(items[0]))))
                 i = 0
                 while i < len(items):
-                    n, size = 0, 0
-                    while i + n < len(items) and n < _CHUNK_ITEMS and (n == 0 or size < _CHUNK_BYTES):
-                        size += _approx_nbytes(items[i + n])
-                        n += 1
+                    n = min(per_chunk, len(items) - i)
                     chunk = items[i:i + n]
                     rep = self._request("data", {"session": self.session, "store": name, "first": first + i,
                                                  "items": chunk}, timeout)

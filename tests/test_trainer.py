@@ -383,3 +383,18 @@ def test_config_checks(trainer, cleanup):
     c = client(cleanup, cfg)
     c.train_step({})
     assert cfg == cfg_before
+
+
+def test_update_splits_large_backlogs(trainer, cleanup, monkeypatch):
+    import edgeml.trainer as tr
+    monkeypatch.setattr(tr, "_CHUNK_BYTES", 200_000)  # about 4 images per message
+    srv, cfg, sstore, _ = trainer()
+    local = edgeml.QueuedDataStore(100)
+    c = client(cleanup, cfg, data_stores={"replay": local})
+    img = np.zeros((128, 128, 3), np.uint8)
+    local.batch_insert([{"obs": img + i, "i": i} for i in range(21)])
+    before = srv.stats()["requests"]
+    assert c.update() is True
+    assert srv.stats()["requests"] - before == 6  # ceil(21 / 4)
+    got = sstore.get_latest_data(-1)
+    assert [d["i"] for d in got] == list(range(21)) and int(got[20]["obs"][0, 0, 0]) == 20
