@@ -4,7 +4,6 @@ value), stop from another thread freeing both ports."""
 import copy
 import dataclasses
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -243,10 +242,9 @@ def test_stop_from_another_thread_frees_both_ports(edge, cleanup):
     assert wait_until(lambda: srv.stats()["broadcast"]["sends"] == 1)
     port, bport = srv.port, srv.broadcast_port
     t = threading.Thread(target=srv.stop)
-    t0 = time.monotonic()
     t.start()
     t.join(scaled(10))
-    assert not t.is_alive() and time.monotonic() - t0 < scaled(5)
+    assert not t.is_alive()
     assert port_is_free(port) and port_is_free(bport)
     srv.stop()  # idempotent
     with pytest.raises(edgeml.ClosedError):

@@ -277,7 +277,6 @@ def test_async_update_survives_a_server_restart(cleanup):
     assert wait_until(lambda: len(st1) == 5)
     s1.stop()
     local.batch_insert(range(5, 8))  # written while the learner is down
-    time.sleep(0.2)
     s2 = cleanup(edgeml.TrainerServer(dataclasses.replace(cfg, port_number=port), host="127.0.0.1"))
     st2 = edgeml.QueuedDataStore(1000)
     s2.register_data_store("replay", st2)

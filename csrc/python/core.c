@@ -20,24 +20,35 @@ static int em__check_interrupt(void *ud) {
   return r < 0;
 }
 
-static int em__client_init(PyObject *self, PyObject *args, PyObject *kw) {
-  em__pyclient *c = (em__pyclient *)self;
+/* The arguments Client and Subscriber share: (host, port, service=None,
+ * connect_timeout=0.0, max_message_bytes=0). Fills *o (service and host
+ * point into the argument objects, valid during init) and `where`. */
+static int em__dial_args(PyObject *args, PyObject *kw, const char **host, int *port, em_client_opts *o,
+                         char *where, size_t where_len) {
   static char *kwlist[] = {"host", "port", "service", "connect_timeout", "max_message_bytes", NULL};
-  const char *host, *service = NULL;
-  int port;
+  const char *service = NULL;
   double connect_timeout = 0;
   unsigned long long max_bytes = 0;
-  if (!PyArg_ParseTupleAndKeywords(args, kw, "si|zdK", kwlist, &host, &port, &service, &connect_timeout, &max_bytes))
+  if (!PyArg_ParseTupleAndKeywords(args, kw, "si|zdK", kwlist, host, port, &service, &connect_timeout, &max_bytes))
     return -1;
-  if (port < 0 || port > 65535) {
-    PyErr_Format(PyExc_ValueError, "port must be in 0..65535, got %d", port);
+  if (*port < 0 || *port > 65535) {
+    PyErr_Format(PyExc_ValueError, "port must be in 0..65535, got %d", *port);
     return -1;
   }
-  snprintf(c->where, sizeof c->where, strchr(host, ':') ? "[%s]:%d" : "%s:%d", host, port);
-  em_client_opts o = {0};
-  o.connect_timeout_ns = connect_timeout > 0 ? (uint64_t)(connect_timeout * 1e9) : 0;
-  o.max_message_bytes = max_bytes;
-  o.service = service;
+  snprintf(where, where_len, strchr(*host, ':') ? "[%s]:%d" : "%s:%d", *host, *port);
+  memset(o, 0, sizeof *o);
+  o->connect_timeout_ns = connect_timeout > 0 ? (uint64_t)(connect_timeout * 1e9) : 0;
+  o->max_message_bytes = max_bytes;
+  o->service = service;
+  return 0;
+}
+
+static int em__client_init(PyObject *self, PyObject *args, PyObject *kw) {
+  em__pyclient *c = (em__pyclient *)self;
+  const char *host;
+  int port;
+  em_client_opts o;
+  if (em__dial_args(args, kw, &host, &port, &o, c->where, sizeof c->where)) return -1;
   o.check_interrupt = em__check_interrupt;
   char why[300] = "";
   o.errbuf = why;
@@ -502,22 +513,10 @@ typedef struct {
 
 static int em__sub_init(PyObject *self, PyObject *args, PyObject *kw) {
   em__pysub *s = (em__pysub *)self;
-  static char *kwlist[] = {"host", "port", "service", "connect_timeout", "max_message_bytes", NULL};
-  const char *host, *service = NULL;
+  const char *host;
   int port;
-  double connect_timeout = 0;
-  unsigned long long max_bytes = 0;
-  if (!PyArg_ParseTupleAndKeywords(args, kw, "si|zdK", kwlist, &host, &port, &service, &connect_timeout, &max_bytes))
-    return -1;
-  if (port < 0 || port > 65535) {
-    PyErr_Format(PyExc_ValueError, "port must be in 0..65535, got %d", port);
-    return -1;
-  }
-  snprintf(s->where, sizeof s->where, strchr(host, ':') ? "[%s]:%d" : "%s:%d", host, port);
-  em_client_opts o = {0};
-  o.connect_timeout_ns = connect_timeout > 0 ? (uint64_t)(connect_timeout * 1e9) : 0;
-  o.max_message_bytes = max_bytes;
-  o.service = service;
+  em_client_opts o;
+  if (em__dial_args(args, kw, &host, &port, &o, s->where, sizeof s->where)) return -1;
   char why[300] = "";
   o.errbuf = why;
   o.errbuf_len = sizeof why;

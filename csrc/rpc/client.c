@@ -92,6 +92,8 @@ static int em__connect(em_client *c, uint64_t deadline) {
   return EM_OK;
 }
 
+static int em__connect_attempt(void *ud, uint64_t deadline) { return em__connect(ud, deadline); }
+
 int em_client_open(em_client **out, const char *host, uint16_t port, const em_client_opts *opts) {
   *out = NULL;
   em_client *c = calloc(1, sizeof *c);
@@ -113,21 +115,9 @@ int em_client_open(em_client **out, const char *host, uint16_t port, const em_cl
   pthread_condattr_destroy(&ca);
   int rc = (c->pool && c->host) ? em__reader_init(&c->reader, c->pool, c->max_frame) : EM_ENOMEM;
   if (!rc) {
-    uint64_t start = em_mono_ns();
-    uint64_t deadline = start + c->opts.connect_timeout_ns;
-    uint64_t backoff = 20000000ull; /* 20 ms, doubling to 500 ms */
     pthread_mutex_lock(&c->wmu);
     pthread_mutex_lock(&c->mu);
-    for (;;) {
-      uint64_t now = em_mono_ns();
-      /* each attempt may take up to 10 s or what is left of the window */
-      uint64_t att = now + EM__MAX(10000000000ull, c->opts.connect_timeout_ns);
-      rc = em__connect(c, att);
-      if (rc != EM_ECONNREFUSED || em_mono_ns() + backoff > deadline) break;
-      struct timespec ts = {.tv_sec = 0, .tv_nsec = (long)backoff};
-      nanosleep(&ts, NULL);
-      backoff = EM__MIN(backoff * 2, 500000000ull);
-    }
+    rc = em__open_retry(em__connect_attempt, c, c->opts.connect_timeout_ns);
     pthread_mutex_unlock(&c->mu);
     pthread_mutex_unlock(&c->wmu);
   }

@@ -25,4 +25,9 @@ typedef struct em__hello_info {
 int em__hello_dial(const char *host, uint16_t port, const char *service, const char *role, em__reader *r,
                    uint64_t deadline, char *errbuf, size_t errbuf_len, int *fd_out, em__hello_info *info);
 
+/* Call attempt(ud, deadline) until it succeeds or fails with anything but
+ * ECONNREFUSED, retrying a refused connect (a server still starting) for
+ * up to connect_timeout_ns with backoff. Returns attempt's last result. */
+int em__open_retry(int (*attempt)(void *ud, uint64_t deadline), void *ud, uint64_t connect_timeout_ns);
+
 #endif

@@ -81,6 +81,8 @@ static int em__sub_dial(em_sub *s, uint64_t deadline) {
   return EM_OK;
 }
 
+static int em__sub_dial_attempt(void *ud, uint64_t deadline) { return em__sub_dial(ud, deadline); }
+
 int em_sub_open(em_sub **out, const char *host, uint16_t port, const em_client_opts *opts) {
   *out = NULL;
   em_sub *s = calloc(1, sizeof *s);
@@ -100,17 +102,7 @@ int em_sub_open(em_sub **out, const char *host, uint16_t port, const em_client_o
   uint64_t max_frame = s->opts.max_message_bytes ? s->opts.max_message_bytes : EM__DEFAULT_MAX_MESSAGE;
   s->pool = em__pool_new(256u << 20);
   int rc = (s->pool && s->host) ? em__reader_init(&s->reader, s->pool, max_frame) : EM_ENOMEM;
-  if (!rc) {
-    uint64_t deadline = em_mono_ns() + s->opts.connect_timeout_ns;
-    uint64_t backoff = 20000000ull;
-    for (;;) {
-      rc = em__sub_dial(s, em_mono_ns() + EM__MAX(10000000000ull, s->opts.connect_timeout_ns));
-      if (rc != EM_ECONNREFUSED || em_mono_ns() + backoff > deadline) break;
-      struct timespec ts = {.tv_sec = 0, .tv_nsec = (long)backoff};
-      nanosleep(&ts, NULL);
-      backoff = EM__MIN(backoff * 2, 500000000ull);
-    }
-  }
+  if (!rc) rc = em__open_retry(em__sub_dial_attempt, s, s->opts.connect_timeout_ns);
   if (rc) {
     if (opts && opts->errbuf && opts->errbuf_len && rc != EM_EHANDSHAKE)
       snprintf(opts->errbuf, opts->errbuf_len, "%s", em_strerror(rc));

@@ -359,11 +359,9 @@ static void test_sub_shutdown_wakes_waiter(void) {
   pthread_t w;
   pthread_create(&w, NULL, wait_next, &a);
   sleep_ms(100);
-  uint64_t t0 = em_mono_ns();
   em_sub_shutdown(sub);
   pthread_join(w, NULL);
-  CHECK_EQ(a.rc, EM_ECLOSED);
-  CHECK(em_mono_ns() - t0 < 1000000000ull);
+  CHECK_EQ(a.rc, EM_ECLOSED); /* woken, not timed out (ETIMEDOUT after 10 s) */
   em_sub_close(sub);
   stop_server(s, th);
 }
