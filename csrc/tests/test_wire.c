@@ -143,6 +143,69 @@ static int parse_hdr(const uint8_t *h, uint64_t max, const char **why) {
   return em__hdr_parse(h, max, &hh, why);
 }
 
+/* After a large frame the reader asks for the next header alone (no staging
+ * copy of the large body); after a small one it offers the whole stage again.
+ * Frames must come out whole and in order either way. */
+static void test_header_first_after_big_frame(void) {
+  em_payload p;
+  em_payload_init(&p);
+  static uint8_t big[100000];
+  for (size_t i = 0; i < sizeof big; i++) big[i] = (uint8_t)(i * 7);
+  uint64_t shape[1] = {sizeof big};
+  CHECK_EQ(em_payload_pack_array(&p, "|u1", 1, shape, big, sizeof big, 0), EM_OK);
+  size_t lb;
+  uint8_t *fb = frame_of(&p, EM_MSG_REPLY, 1, &lb);
+  em_payload_reset(&p);
+  msgpack_pack_int(&p.pk, 5);
+  size_t ls;
+  uint8_t *fs = frame_of(&p, EM_MSG_REPLY, 2, &ls);
+  size_t total = 2 * lb + 2 * ls, off = 0;
+  uint8_t *all = malloc(total);
+  memcpy(all, fb, lb);
+  memcpy(all + lb, fs, ls);
+  memcpy(all + lb + ls, fb, lb);
+  memcpy(all + 2 * lb + ls, fs, ls);
+  em__reader r;
+  em__reader_init(&r, pool, 1 << 20);
+  uint64_t want = 1;
+  size_t max_boundary_region[5] = {0};
+  while (off < total) {
+    uint8_t *dst;
+    size_t n;
+    em__reader_region(&r, &dst, &n);
+    if (!em__reader_mid_frame(&r) && want <= 4 && n > max_boundary_region[want]) max_boundary_region[want] = n;
+    n = EM__MIN(n, total - off); /* a socket that always has data */
+    memcpy(dst, all + off, n);
+    em__reader_commit(&r, n);
+    off += n;
+    em_msg *m;
+    const char *why;
+    int rc;
+    while ((rc = em__reader_next(&r, &m, &why)) == 1) {
+      CHECK_EQ(m->req_id, want & 1 ? 1 : 2);
+      if (m->req_id == 1) {
+        CHECK_EQ(m->nblobs, 1);
+        CHECK_EQ(m->blobs[0].len_bytes, sizeof big);
+        CHECK(memcmp(m->blobs[0].data, big, sizeof big) == 0);
+      }
+      em_msg_free(m);
+      want++;
+    }
+    CHECK_EQ(rc, 0);
+  }
+  CHECK_EQ(want, 5);
+  CHECK(max_boundary_region[1] > EM_FRAME_HEADER_BYTES);  /* first frame: the whole stage */
+  CHECK_EQ(max_boundary_region[2], EM_FRAME_HEADER_BYTES); /* after the big one: header only */
+  CHECK(max_boundary_region[3] > EM_FRAME_HEADER_BYTES);  /* after a small one: whole stage */
+  CHECK_EQ(max_boundary_region[4], EM_FRAME_HEADER_BYTES);
+  CHECK(!em__reader_mid_frame(&r));
+  em__reader_destroy(&r);
+  free(fb);
+  free(fs);
+  free(all);
+  em_payload_destroy(&p);
+}
+
 static void test_bad_headers(void) {
   uint8_t h[64] = {0};
   em__hdr good = {.type = EM_MSG_REQUEST, .body_len = 1, .nblobs = 0, .frame_len = 72};
@@ -364,6 +427,7 @@ int main(void) {
   pool = em__pool_new(16 << 20);
   RUN(test_roundtrip_layout);
   RUN(test_two_frames_back_to_back);
+  RUN(test_header_first_after_big_frame);
   RUN(test_bad_headers);
   RUN(test_absurd_length_no_alloc);
   RUN(test_blob_table_lies);

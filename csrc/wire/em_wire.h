@@ -55,7 +55,11 @@ int em__array_parse(const em_msg *m, const uint8_t *data, size_t len, em_array *
 /* Incremental frame reader over a byte stream. Small frames are read into a
  * 64 KiB staging area and copied into a pooled buffer; the rest of a large
  * frame is read straight into its pooled buffer (region() points there).
+ * After a large frame (> EM__READER_BIG_BYTES) the next read at a frame
+ * boundary asks for the header alone, so a stream of large frames costs one
+ * more read per frame instead of a staging copy of up to 64 KiB.
  * One thread at a time. */
+#define EM__READER_BIG_BYTES (16 * 1024)
 typedef struct em__reader {
   em_pool *pool;
   uint64_t max_frame;
@@ -64,6 +68,7 @@ typedef struct em__reader {
   em_buf *cur; /* frame being assembled, or NULL */
   size_t cur_have;
   em__hdr cur_hdr;
+  bool big; /* the last frame was large: read the next header alone */
 } em__reader;
 
 int em__reader_init(em__reader *r, em_pool *pool, uint64_t max_frame);

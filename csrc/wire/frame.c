@@ -120,6 +120,7 @@ void em__reader_reset(em__reader *r) {
   r->cur = NULL;
   r->cur_have = 0;
   r->stage_start = r->stage_end = 0;
+  r->big = false;
 }
 
 void em__reader_destroy(em__reader *r) {
@@ -149,6 +150,8 @@ void em__reader_region(em__reader *r, uint8_t **p, size_t *n) {
   }
   *p = r->stage + r->stage_end;
   *n = r->stage_cap - r->stage_end;
+  size_t avail = r->stage_end - r->stage_start;
+  if (r->big && avail < EM_FRAME_HEADER_BYTES) *n = EM_FRAME_HEADER_BYTES - avail;
 }
 
 void em__reader_commit(em__reader *r, size_t n) {
@@ -165,6 +168,7 @@ int em__reader_next(em__reader *r, em_msg **out, const char **why) {
     if (avail < EM_FRAME_HEADER_BYTES) return 0;
     rc = em__hdr_parse(r->stage + r->stage_start, r->max_frame, &r->cur_hdr, why);
     if (rc) return rc;
+    r->big = r->cur_hdr.frame_len > EM__READER_BIG_BYTES;
     em_buf *b = em__buf_alloc(r->pool, (size_t)r->cur_hdr.frame_len);
     if (!b) {
       *why = "out of memory for an incoming frame";
