@@ -106,6 +106,11 @@ class ServerBase:
         self._error: Optional[BaseException] = None
 
     # -- subclasses provide these
+    def _routes(self) -> Optional[dict]:
+        """A dict method -> fn(payload) the C server looks up (live, so it
+        must be changed in place) before calling ``_dispatch``; None for none."""
+        return None
+
     def _dispatch(self, method: str, payload: Any) -> Any:  # pragma: no cover
         raise NotImplementedError
 
@@ -156,7 +161,8 @@ class ServerBase:
                 if info is not None:
                     hello = _hello_bytes(info)
                 self._core = _core.Server(self._host, self._requested_port, self._service, self._dispatch,
-                                          _format_error, _log_from_core, hello, self._max_message_bytes)
+                                          _format_error, _log_from_core, hello, self._max_message_bytes,
+                                          self._routes())
             except BaseException:
                 if bcast is not None:
                     bcast.close()

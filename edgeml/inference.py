@@ -36,12 +36,13 @@ class InferenceServer(ServerBase):
             raise ValueError(f"interface names starting with '__' are reserved: {name!r}")
         if not callable(fn):
             raise TypeError(f"interface {name!r}: {fn!r} is not callable")
-        self._interfaces = {**self._interfaces, name: fn}
+        self._interfaces[name] = fn  # in place: the C server looks names up in this dict
 
     def unregister_interface(self, name: str) -> None:
-        d = dict(self._interfaces)
-        d.pop(name, None)
-        self._interfaces = d
+        self._interfaces.pop(name, None)
+
+    def _routes(self) -> Optional[dict]:
+        return self._interfaces
 
     @property
     def interfaces(self) -> List[str]:

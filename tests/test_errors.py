@@ -250,3 +250,20 @@ def test_bad_arguments():
         edgeml.InferenceServer(0).register_interface("__x", lambda p: p)
     with pytest.raises(TypeError):
         edgeml.InferenceServer(0).register_interface("x", 5)
+
+
+def test_interfaces_registered_and_removed_while_serving(make_server, make_client):
+    # The C server looks names up in the live interface table: a change made
+    # while it runs takes effect on the next call, never a stale handler.
+    s = make_server({"echo": lambda p: p})
+    c = make_client(s.port)
+    assert c.call("echo", 1) == 1
+    s.register_interface("double", lambda p: p * 2)
+    assert c.call("double", 21) == 42
+    s.register_interface("echo", lambda p: ("replaced", p))
+    assert c.call("echo", 1) == ("replaced", 1)
+    s.unregister_interface("double")
+    with pytest.raises(edgeml.UnknownInterfaceError) as e:
+        c.call("double", 1)
+    assert e.value.interfaces == ["echo"]
+    assert c.interfaces() == ["echo"]

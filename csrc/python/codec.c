@@ -351,6 +351,58 @@ static PyObject *em__dec_fail(const char *why) {
   return NULL;
 }
 
+/* Received arrays are built here with one call to numpy.ndarray(shape,
+ * dtype=, buffer=, offset=); the dtype object for a wire string comes from a
+ * small cache filled the first time numpy parses that string (in
+ * edgeml._codec._make_array). GIL held throughout, which guards the cache. */
+#define EM__DTYPE_SLOTS 32
+static struct {
+  char wire[EM_DTYPE_MAX + 1];
+  PyObject *dtype;
+} em__dtypes[EM__DTYPE_SLOTS];
+static int em__ndtypes;
+static PyObject *em__ndarray_kwnames;
+
+static void em__dtype_remember(const char *wire, PyObject *arr) {
+  if (em__ndtypes >= EM__DTYPE_SLOTS || strlen(wire) > EM_DTYPE_MAX) return;
+  PyObject *dt = PyObject_GetAttrString(arr, "dtype");
+  if (!dt) {
+    PyErr_Clear();
+    return;
+  }
+  strcpy(em__dtypes[em__ndtypes].wire, wire);
+  em__dtypes[em__ndtypes].dtype = dt;
+  em__ndtypes++;
+}
+
+/* NULL without an exception when the dtype is not cached. */
+static PyObject *em__make_array_fast(PyObject *buf, Py_ssize_t off, const char *wire, PyObject *shape,
+                                     int scalar) {
+  PyObject *dt = NULL;
+  for (int i = 0; i < em__ndtypes; i++)
+    if (strcmp(em__dtypes[i].wire, wire) == 0) {
+      dt = em__dtypes[i].dtype;
+      break;
+    }
+  if (!dt || !em_py.ndarray_type) return NULL;
+  if (!em__ndarray_kwnames) {
+    em__ndarray_kwnames = Py_BuildValue("(sss)", "dtype", "buffer", "offset");
+    if (!em__ndarray_kwnames) return NULL;
+  }
+  PyObject *offset = PyLong_FromSsize_t(off);
+  if (!offset) return NULL;
+  PyObject *argv[5] = {NULL, shape, dt, buf, offset};
+  PyObject *a = PyObject_Vectorcall(em_py.ndarray_type, argv + 1, 1 | PY_VECTORCALL_ARGUMENTS_OFFSET,
+                                    em__ndarray_kwnames);
+  Py_DECREF(offset);
+  if (!a || !scalar) return a;
+  PyObject *empty = PyTuple_New(0);
+  PyObject *v = empty ? PyObject_GetItem(a, empty) : NULL;
+  Py_XDECREF(empty);
+  Py_DECREF(a);
+  return v;
+}
+
 static PyObject *em__dec_value(em__dec *d, const msgpack_object *o) {
   switch (o->type) {
     case MSGPACK_OBJECT_NIL: Py_RETURN_NONE;
@@ -425,9 +477,20 @@ static PyObject *em__dec_value(em__dec *d, const msgpack_object *o) {
       }
       PyObject *shape = PyTuple_New(a.ndim);
       if (!shape) return NULL;
-      for (uint32_t i = 0; i < a.ndim; i++) PyTuple_SET_ITEM(shape, i, PyLong_FromUnsignedLongLong(a.shape[i]));
+      for (uint32_t i = 0; i < a.ndim; i++) {
+        PyObject *n = PyLong_FromUnsignedLongLong(a.shape[i]);
+        if (!n) {
+          Py_DECREF(shape);
+          return NULL;
+        }
+        PyTuple_SET_ITEM(shape, i, n);
+      }
       Py_ssize_t off = (Py_ssize_t)((const uint8_t *)a.data - em_buf_data(d->m->buf));
-      PyObject *r = PyObject_CallFunction(em_py.make_array, "OnsOi", d->bufobj, off, a.dtype, shape, a.is_scalar);
+      PyObject *r = em__make_array_fast(d->bufobj, off, a.dtype, shape, a.is_scalar);
+      if (!r && !PyErr_Occurred()) { /* dtype not seen yet: numpy parses it */
+        r = PyObject_CallFunction(em_py.make_array, "OnsOi", d->bufobj, off, a.dtype, shape, a.is_scalar);
+        if (r && !a.is_scalar) em__dtype_remember(a.dtype, r);
+      }
       Py_DECREF(shape);
       return r;
     }

@@ -10,6 +10,11 @@ typedef struct {
   PyObject_HEAD
   em_client *c;
   char where[300]; /* "host:port" for messages */
+  /* One payload kept between calls so a call does not allocate its buffers;
+   * a call made while another thread's call uses it builds its own.
+   * spare_busy is read and written with the GIL held. */
+  em_payload spare;
+  int spare_ok, spare_busy;
 } em__pyclient;
 
 static int em__check_interrupt(void *ud) {
@@ -49,6 +54,7 @@ static int em__client_init(PyObject *self, PyObject *args, PyObject *kw) {
   int port;
   em_client_opts o;
   if (em__dial_args(args, kw, &host, &port, &o, c->where, sizeof c->where)) return -1;
+  if (!c->spare_ok) c->spare_ok = em_payload_init(&c->spare) == EM_OK;
   o.check_interrupt = em__check_interrupt;
   char why[300] = "";
   o.errbuf = why;
@@ -74,6 +80,8 @@ static void em__client_dealloc(PyObject *self) {
     em_client_close(cc);
     Py_END_ALLOW_THREADS
   }
+  if (c->spare_ok) em_payload_destroy(&c->spare);
+  c->spare_ok = 0;
   Py_TYPE(self)->tp_free(self);
 }
 
@@ -99,22 +107,28 @@ static PyObject *em__client_call(PyObject *self, PyObject *args) {
   int type = EM_MSG_REQUEST;
   if (!PyArg_ParseTuple(args, "s#Od|i", &method, &method_len, &payload, &timeout, &type)) return NULL;
   if (!c->c) return em_py_raise(EM_ECLOSED, "client for %s is closed", c->where);
-  em_payload p;
-  if (em_payload_init(&p)) return PyErr_NoMemory();
+  em_payload own, *pp = &own;
+  if (c->spare_ok && !c->spare_busy) {
+    pp = &c->spare;
+    c->spare_busy = 1;
+  } else if (em_payload_init(&own)) {
+    return PyErr_NoMemory();
+  }
+  em_payload *const p = pp;
   em_py_keep keep = {0};
   PyObject *result = NULL;
   if (type == EM_MSG_REQUEST) {
-    em_payload_begin_request(&p, method, (size_t)method_len);
-    if (em_py_encode(&p, &keep, payload, "payload") != 0) goto done;
+    em_payload_begin_request(p, method, (size_t)method_len);
+    if (em_py_encode(p, &keep, payload, "payload") != 0) goto done;
   } else {
-    msgpack_pack_nil(&p.pk);
+    msgpack_pack_nil(&p->pk);
   }
   uint64_t tmo = timeout < 0 ? EM_FOREVER : (uint64_t)(timeout * 1e9);
   em_msg *reply = NULL;
   int rc;
   em_client *cc = c->c;
   Py_BEGIN_ALLOW_THREADS
-  rc = em_client_request(cc, (uint8_t)type, &p, tmo, &reply);
+  rc = em_client_request(cc, (uint8_t)type, p, tmo, &reply);
   Py_END_ALLOW_THREADS
   em_py_keep_release(&keep);
   if (rc == EM_OK) {
@@ -138,7 +152,16 @@ static PyObject *em__client_call(PyObject *self, PyObject *args) {
 done:
   em_py_keep_release(&keep);
   PyMem_Free(keep.views);
-  em_payload_destroy(&p);
+  if (p == &c->spare) {
+    em_payload_reset(p);
+    if (p->sbuf.alloc > (1u << 18)) { /* do not keep a large in-band body's buffer */
+      em_payload_destroy(p);
+      c->spare_ok = em_payload_init(p) == EM_OK;
+    }
+    c->spare_busy = 0;
+  } else {
+    em_payload_destroy(p);
+  }
   return result;
 }
 
@@ -192,6 +215,7 @@ typedef struct {
   PyObject_HEAD
   em_server *s;
   PyObject *dispatch;      /* fn(method, payload) -> reply payload */
+  PyObject *routes;        /* dict method -> fn(payload), tried before dispatch, or NULL */
   PyObject *format_error;  /* fn(exc) -> dict for the ERROR reply */
   PyObject *log;           /* fn(level, msg) */
   PyThreadState *tstate;   /* the loop thread's, while run() runs */
@@ -249,7 +273,14 @@ static int em__handler(void *ud, const em_msg *req, em_payload *reply) {
     type = em__pack_exception(s, reply);
     goto out;
   }
-  PyObject *res = PyObject_CallFunctionObjArgs(s->dispatch, method, payload, NULL);
+  PyObject *res, *fn = s->routes ? PyDict_GetItemWithError(s->routes, method) : NULL;
+  if (fn) {
+    Py_INCREF(fn); /* the dict may change while fn runs */
+    res = PyObject_CallOneArg(fn, payload);
+    Py_DECREF(fn);
+  } else {
+    res = PyErr_Occurred() ? NULL : PyObject_CallFunctionObjArgs(s->dispatch, method, payload, NULL);
+  }
   Py_DECREF(payload);
   Py_DECREF(method);
   if (!res) {
@@ -318,15 +349,22 @@ static void em__log_py(void *ud, int level, const char *msg) {
 static int em__server_init(PyObject *self, PyObject *args, PyObject *kw) {
   em__pyserver *s = (em__pyserver *)self;
   static char *kwlist[] = {"host", "port", "service", "dispatch", "format_error", "log",
-                           "hello_info", "max_message_bytes", NULL};
+                           "hello_info", "max_message_bytes", "routes", NULL};
   const char *host, *service;
   int port;
   PyObject *dispatch, *format_error, *log;
   Py_buffer info = {0};
   unsigned long long max_bytes = 0;
-  if (!PyArg_ParseTupleAndKeywords(args, kw, "sisOOO|y*K", kwlist, &host, &port, &service, &dispatch,
-                                   &format_error, &log, &info, &max_bytes))
+  PyObject *routes = NULL;
+  if (!PyArg_ParseTupleAndKeywords(args, kw, "sisOOO|y*KO", kwlist, &host, &port, &service, &dispatch,
+                                   &format_error, &log, &info, &max_bytes, &routes))
     return -1;
+  if (routes == Py_None) routes = NULL;
+  if (routes && !PyDict_CheckExact(routes)) {
+    PyBuffer_Release(&info);
+    PyErr_SetString(PyExc_TypeError, "routes must be a dict or None");
+    return -1;
+  }
   if (port < 0 || port > 65535) {
     PyBuffer_Release(&info);
     PyErr_Format(PyExc_ValueError, "port must be in 0..65535, got %d", port);
@@ -336,6 +374,8 @@ static int em__server_init(PyObject *self, PyObject *args, PyObject *kw) {
   Py_INCREF(format_error);
   Py_INCREF(log);
   s->dispatch = dispatch;
+  Py_XINCREF(routes);
+  Py_XSETREF(s->routes, routes);
   s->format_error = format_error;
   s->log = log;
   em_server_opts o = {0};
@@ -473,6 +513,7 @@ static void em__server_dealloc(PyObject *self) {
   em__pyserver *s = (em__pyserver *)self;
   em__server_free(s);
   Py_XDECREF(s->dispatch);
+  Py_XDECREF(s->routes);
   Py_XDECREF(s->format_error);
   Py_XDECREF(s->log);
   Py_XDECREF(s->pending);
@@ -494,7 +535,8 @@ static PyTypeObject em__server_type = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "edgeml._core.Server",
     .tp_basicsize = sizeof(em__pyserver),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Server(host, port, service, dispatch, format_error, log, hello_info=b'', max_message_bytes=0)",
+    .tp_doc = "Server(host, port, service, dispatch, format_error, log, hello_info=b'', max_message_bytes=0, routes=None)\n"
+               "routes: a dict method -> fn(payload), looked up (live) before dispatch is called",
     .tp_new = PyType_GenericNew,
     .tp_init = em__server_init,
     .tp_dealloc = em__server_dealloc,
