@@ -13,7 +13,7 @@ import weakref
 from typing import Any, Callable, Optional
 
 from . import _codec  # noqa: F401  (installs the codec hooks)
-from . import _core, errors
+from . import _core, errors, timing
 
 log = logging.getLogger("edgeml")
 
@@ -398,17 +398,81 @@ class ClientBase:
     _service: Optional[str] = None
 
     def __init__(self, host: str, port: int, *, timeout: Optional[float] = DEFAULT_TIMEOUT,
-                 connect_timeout: float = 5.0, max_message_bytes: Optional[int] = None):
+                 connect_timeout: float = 5.0, max_message_bytes: Optional[int] = None,
+                 clocks_synchronized: bool = False, clock_refresh: Optional[float] = 5.0):
         self._core = None
         self._executor = None
         if not isinstance(port, int) or not 0 < port <= 65535:
             raise ValueError(f"port must be an int in 1..65535, got {port!r}")
+        if clock_refresh is not None and not float(clock_refresh) > 0:
+            raise ValueError(f"clock_refresh must be > 0 seconds or None, got {clock_refresh!r}")
         self.host = host
         self.port = port
         self.timeout = timeout
         self._executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self._exec_lock = threading.Lock()
+        self._clock_refresh = None if clock_refresh is None else float(clock_refresh)
+        self._next_clock_ping = 0.0
         self._core = _core.Client(host, port, self._service, float(connect_timeout), int(max_message_bytes or 0))
+        self._core.set_synchronized(bool(clocks_synchronized))
+        if self._clock_refresh is not None:
+            timing.keeper.add(self)
+
+    # ---- timing (docs/timing.md)
+
+    @property
+    def clocks_synchronized(self) -> bool:
+        """True when one-way figures use offset 0 (clocks declared in sync)
+        instead of the estimated offset."""
+        core = self._core
+        return bool(core is not None and core.stats()["synchronized"])
+
+    @clocks_synchronized.setter
+    def clocks_synchronized(self, value: bool) -> None:
+        core = self._core
+        if core is None:
+            raise errors.ClosedError(f"client for {self.host}:{self.port} is closed")
+        core.set_synchronized(bool(value))
+
+    def stats(self) -> dict:
+        """Running statistics of this client's calls since it opened (or
+        ``reset_stats()``): for each stage (``rtt_ms``, ``upload_ms``,
+        ``queue_ms``, ``handler_ms``, ``reply_ms``, ``download_ms``,
+        ``encode_ms``, ``decode_ms``, ``bytes_up``, ``bytes_down``) its count,
+        mean, p50, p90, p99, min and max, and the clock-offset estimate
+        (``clock``: offset_ms, error_ms, samples, age_s, basis). Percentiles
+        come from log-linear histograms, within 1.6% of the exact value."""
+        core = self._core
+        if core is None:
+            raise errors.ClosedError(f"client for {self.host}:{self.port} is closed")
+        return timing.stats_from_core(core.stats())
+
+    def reset_stats(self) -> None:
+        """Start the statistics afresh (the clock estimate is kept)."""
+        core = self._core
+        if core is not None:
+            core.reset_stats()
+
+    def sync_clock(self, pings: int = 8, timeout: Optional[float] = None) -> dict:
+        """Send ``pings`` PINGs to refine the clock-offset estimate now;
+        returns ``stats()["clock"]``."""
+        if pings < 1:
+            raise ValueError(f"pings must be >= 1, got {pings}")
+        for _ in range(pings):
+            self.ping(timeout)
+        return self.stats()["clock"]
+
+    def _refresh_clock(self, now: float) -> None:
+        """Called by the clock keeper thread: one PING every clock_refresh
+        seconds, so the estimate always has a small, symmetric sample."""
+        core = self._core
+        if core is None or self._clock_refresh is None or now < self._next_clock_ping:
+            return
+        self._next_clock_ping = now + self._clock_refresh
+        try:
+            core.call("", None, min(1.0, self._clock_refresh), _core.MSG_PING)
+        except Exception:
+            pass  # the next real call reports what is wrong
 
     @property
     def timeout(self) -> Optional[float]:
@@ -478,6 +542,7 @@ class ClientBase:
         with self._exec_lock:
             core, self._core = self._core, None
             ex, self._executor = self._executor, None
+        timing.keeper.discard(self)
         if core is not None:
             core.shutdown()
         if ex is not None:

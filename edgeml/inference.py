@@ -5,8 +5,9 @@ from __future__ import annotations
 import concurrent.futures
 from typing import Any, Callable, Dict, List, Optional
 
-from . import errors
+from . import _core, errors
 from ._base import DEFAULT_TIMEOUT, ClientBase, ServerBase, wrap_future
+from .timing import CallTiming
 
 _LIST = "__interfaces__"
 
@@ -74,9 +75,11 @@ class InferenceClient(ClientBase):
 
     def __init__(self, host: str = "localhost", port: int = 6379, *,
                  timeout: Optional[float] = DEFAULT_TIMEOUT, connect_timeout: float = 5.0,
-                 max_message_bytes: Optional[int] = None):
+                 max_message_bytes: Optional[int] = None, clocks_synchronized: bool = False,
+                 clock_refresh: Optional[float] = 5.0):
         super().__init__(host, port, timeout=timeout, connect_timeout=connect_timeout,
-                         max_message_bytes=max_message_bytes)
+                         max_message_bytes=max_message_bytes, clocks_synchronized=clocks_synchronized,
+                         clock_refresh=clock_refresh)
 
     def call(self, name: str, payload: Any = None, timeout: Optional[float] = None) -> Any:
         """Call interface ``name`` with ``payload``; returns the handler's reply."""
@@ -88,6 +91,20 @@ class InferenceClient(ClientBase):
         ok, value = core.call(name, payload, self._timeout(timeout) if timeout is not None else self._timeout_s)
         if ok:
             return value
+        raise errors.from_error_reply(value)
+
+    def call_timed(self, name: str, payload: Any = None,
+                   timeout: Optional[float] = None) -> "tuple[Any, CallTiming]":
+        """Like ``call``, also returning where the call's time went: a
+        ``CallTiming`` (stages in ms, bytes each way, see ``edgeml.timing``)."""
+        if not isinstance(name, str):
+            raise TypeError(f"interface name must be a str, got {type(name).__name__}")
+        core = self._core
+        if core is None:
+            raise errors.ClosedError(f"client for {self.host}:{self.port} is closed")
+        ok, value, t = core.call(name, payload, self._timeout(timeout), _core.MSG_REQUEST, True)
+        if ok:
+            return value, CallTiming._from_core(t)
         raise errors.from_error_reply(value)
 
     def call_async(self, name: str, payload: Any = None,

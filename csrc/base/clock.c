@@ -5,12 +5,23 @@
 #include <sys/types.h>
 
 #include <stdio.h>
+#include <stdlib.h>
 #include <time.h>
+
+/* Test hook: EDGEML_TEST_CLOCK_SKEW_NS (signed ns, read once at load) is
+ * added to every wire timestamp this process writes, so tests can give a
+ * server or a client a clock that is off by a known amount. */
+static int64_t em__clock_skew_ns;
+
+__attribute__((constructor)) static void em__clock_skew_init(void) {
+  const char *v = getenv("EDGEML_TEST_CLOCK_SKEW_NS");
+  if (v && *v) em__clock_skew_ns = strtoll(v, NULL, 10);
+}
 
 uint64_t em_now_ns(void) {
   struct timespec ts;
   clock_gettime(CLOCK_REALTIME, &ts);
-  return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+  return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec + (uint64_t)em__clock_skew_ns;
 }
 
 uint64_t em_mono_ns(void) {

@@ -243,6 +243,88 @@ void em_client_close(em_client *c);
 /* Make in-flight and future calls fail with ECLOSED without freeing. */
 void em_client_shutdown(em_client *c);
 
+/* ---------------------------------------------------------------- timing
+ *
+ * Every frame carries its send time and every reply the server's receive,
+ * handler-start, handler-end and send times (docs/protocol.md, "Timing"), so
+ * each call gives the four NTP timestamps. The client turns them into
+ * per-call stages and keeps running statistics; see docs/timing.md.
+ *
+ *   t0 client starts writing the request     (client clock)
+ *   t1 server has read the whole request     (server clock)
+ *   t2 handler starts    t3 handler ends     (server clock)
+ *   t4 server starts writing the reply       (server clock)
+ *   t5 client has read the whole reply       (client clock)
+ *
+ * offset = server clock - client clock. Estimated per call as
+ * ((t1 - t0) + (t4 - t5)) / 2 with delay (t5 - t0) - (t4 - t1); the client
+ * uses the offset of the lowest-delay sample (calls and pings) of the last
+ * 30 s (NTP's minimum-delay filter). That estimate is
+ * exact only if the path is symmetric: its error is at most half the delay
+ * of the sample it came from, plus half the up/down asymmetry. A client
+ * opened with clocks declared synchronised uses offset 0 instead. */
+
+enum {
+  EM_STAGE_RTT,      /* t5 - t0 */
+  EM_STAGE_UPLOAD,   /* t1 - offset - t0: request one-way, transfer included */
+  EM_STAGE_QUEUE,    /* t2 - t1 */
+  EM_STAGE_HANDLER,  /* t3 - t2 */
+  EM_STAGE_REPLY,    /* t4 - t3: server encodes and queues the reply */
+  EM_STAGE_DOWNLOAD, /* t5 - (t4 - offset): reply one-way */
+  EM_STAGE_ENCODE,   /* client-side, recorded by the binding (em_client_note) */
+  EM_STAGE_DECODE,   /* client-side, recorded by the binding */
+  EM_STAGE_BYTES_UP,   /* request frame bytes */
+  EM_STAGE_BYTES_DOWN, /* reply frame bytes */
+  EM_STAGE_COUNT
+};
+extern const char *const em_stage_names[EM_STAGE_COUNT];
+
+typedef struct em_call_timing {
+  uint64_t t[6];          /* t0..t5 above, ns since the Unix epoch */
+  int64_t offset_ns;      /* server - client clock used for the one-way stages */
+  uint64_t offset_err_ns; /* bound on its error if the path is symmetric */
+  int synchronized;       /* 1: clocks declared synchronised (offset 0) */
+  int64_t stage[EM_STAGE_COUNT]; /* ns (bytes for the BYTES stages); one-way
+                                    stages may be < 0 when the offset is off */
+} em_call_timing;
+
+typedef struct em_stage_stats {
+  uint64_t count;
+  double mean;
+  /* p50/p90/p99 come from a log-linear histogram (32 buckets per power of
+   * two): within 1.6% of the true order statistic. min and max are exact. */
+  double p50, p90, p99, min, max;
+} em_stage_stats;
+
+typedef struct em_client_stats {
+  uint64_t calls;          /* calls with a reply (REPLY, ERROR or PONG) */
+  em_stage_stats stage[EM_STAGE_COUNT];
+  int64_t offset_ns;       /* current estimate (0 if synchronized) */
+  uint64_t offset_err_ns;  /* half the delay of the sample it came from */
+  uint64_t offset_samples; /* seconds with samples in the filter window */
+  uint64_t offset_age_ns;  /* since the chosen sample was taken */
+  int synchronized;
+} em_client_stats;
+
+/* Declare the two hosts' clocks synchronised (PTP, or one host): one-way
+ * stages then use offset 0 instead of the estimate. Any thread. */
+void em_client_set_synchronized(em_client *c, int yes);
+
+/* Like em_client_request; also fills *timing (may be NULL) when a reply
+ * came. Every call's timing also feeds the client's statistics. */
+int em_client_request_timed(em_client *c, uint8_t type, em_payload *p, uint64_t timeout_ns, em_msg **reply,
+                            em_call_timing *timing);
+
+/* Add a client-side stage sample (EM_STAGE_ENCODE/DECODE) to the stats. */
+void em_client_note(em_client *c, int stage, int64_t value);
+
+/* Running statistics since open or the last reset. Any thread. */
+void em_client_get_stats(em_client *c, em_client_stats *st);
+void em_client_reset_stats(em_client *c); /* keeps the clock estimate */
+
+/* Nanoseconds since this client's last reply (or open). Any thread. */
+uint64_t em_client_idle_ns(em_client *c);
+
 /* ---------------------------------------------------------------- server */
 
 typedef struct em_server em_server;

@@ -96,16 +96,39 @@ static PyObject *em__error_reply(em__pyclient *c, em_msg *m) {
   return body;
 }
 
-/* call(type, method, payload, timeout) -> (ok, value)
- * ok=True: value is the reply payload; ok=False: value is the error map. */
+/* (t0..t5), offset_ns, offset_err_ns, synchronized, (stage values) */
+static PyObject *em__timing_tuple(const em_call_timing *t) {
+  PyObject *ts = PyTuple_New(6), *st = PyTuple_New(EM_STAGE_COUNT);
+  if (!ts || !st) goto fail;
+  for (int i = 0; i < 6; i++) {
+    PyObject *v = PyLong_FromUnsignedLongLong(t->t[i]);
+    if (!v) goto fail;
+    PyTuple_SET_ITEM(ts, i, v);
+  }
+  for (int i = 0; i < EM_STAGE_COUNT; i++) {
+    PyObject *v = PyLong_FromLongLong(t->stage[i]);
+    if (!v) goto fail;
+    PyTuple_SET_ITEM(st, i, v);
+  }
+  return Py_BuildValue("(NLKON)", ts, (long long)t->offset_ns, (unsigned long long)t->offset_err_ns,
+                       t->synchronized ? Py_True : Py_False, st);
+fail:
+  Py_XDECREF(ts);
+  Py_XDECREF(st);
+  return NULL;
+}
+
+/* call(method, payload, timeout[, type[, timed]]) -> (ok, value) or, with
+ * timed, (ok, value, timing) (see em__timing_tuple). ok=True: value is the
+ * reply payload; ok=False: value is the error map. */
 static PyObject *em__client_call(PyObject *self, PyObject *args) {
   em__pyclient *c = (em__pyclient *)self;
   const char *method;
   Py_ssize_t method_len;
   PyObject *payload;
   double timeout;
-  int type = EM_MSG_REQUEST;
-  if (!PyArg_ParseTuple(args, "s#Od|i", &method, &method_len, &payload, &timeout, &type)) return NULL;
+  int type = EM_MSG_REQUEST, timed = 0;
+  if (!PyArg_ParseTuple(args, "s#Od|ip", &method, &method_len, &payload, &timeout, &type, &timed)) return NULL;
   if (!c->c) return em_py_raise(EM_ECLOSED, "client for %s is closed", c->where);
   em_payload own, *pp = &own;
   if (c->spare_ok && !c->spare_busy) {
@@ -117,28 +140,40 @@ static PyObject *em__client_call(PyObject *self, PyObject *args) {
   em_payload *const p = pp;
   em_py_keep keep = {0};
   PyObject *result = NULL;
+  em_client *cc = c->c;
+  int64_t enc_ns = 0;
   if (type == EM_MSG_REQUEST) {
+    uint64_t t_enc = em_mono_ns();
     em_payload_begin_request(p, method, (size_t)method_len);
     if (em_py_encode(p, &keep, payload, "payload") != 0) goto done;
+    enc_ns = (int64_t)(em_mono_ns() - t_enc);
+    em_client_note(cc, EM_STAGE_ENCODE, enc_ns);
   } else {
     msgpack_pack_nil(&p->pk);
   }
   uint64_t tmo = timeout < 0 ? EM_FOREVER : (uint64_t)(timeout * 1e9);
   em_msg *reply = NULL;
+  em_call_timing timing;
   int rc;
-  em_client *cc = c->c;
   Py_BEGIN_ALLOW_THREADS
-  rc = em_client_request(cc, (uint8_t)type, p, tmo, &reply);
+  rc = em_client_request_timed(cc, (uint8_t)type, p, tmo, &reply, &timing);
   Py_END_ALLOW_THREADS
   em_py_keep_release(&keep);
-  if (rc == EM_OK) {
-    PyObject *v = em_py_decode(reply, NULL);
-    if (v) {
-      result = Py_BuildValue("(ON)", Py_True, v);
+  if (rc == EM_OK || rc == EM_EREMOTE) {
+    uint64_t t_dec = em_mono_ns();
+    PyObject *v = rc == EM_OK ? em_py_decode(reply, NULL) : em__error_reply(c, reply);
+    if (v && type == EM_MSG_REQUEST) {
+      timing.stage[EM_STAGE_ENCODE] = enc_ns;
+      timing.stage[EM_STAGE_DECODE] = (int64_t)(em_mono_ns() - t_dec);
+      em_client_note(cc, EM_STAGE_DECODE, timing.stage[EM_STAGE_DECODE]);
     }
-  } else if (rc == EM_EREMOTE) {
-    PyObject *v = em__error_reply(c, reply);
-    if (v) result = Py_BuildValue("(ON)", Py_False, v);
+    if (v && timed) {
+      PyObject *t = em__timing_tuple(&timing);
+      result = t ? Py_BuildValue("(ONN)", rc == EM_OK ? Py_True : Py_False, v, t) : NULL;
+      if (!t) Py_DECREF(v);
+    } else if (v) {
+      result = Py_BuildValue("(ON)", rc == EM_OK ? Py_True : Py_False, v);
+    }
   } else if (rc == EM_EINTR && PyErr_Occurred()) {
     /* KeyboardInterrupt (or another signal handler's exception) */
   } else if (rc == EM_ETIMEDOUT) {
@@ -163,6 +198,53 @@ done:
     em_payload_destroy(p);
   }
   return result;
+}
+
+/* stats() -> {"calls", "stages": {name: (count, mean, p50, p90, p99, min,
+ * max)}, "offset_ns", "offset_err_ns", "offset_samples", "offset_age_ns",
+ * "synchronized"} */
+static PyObject *em__client_stats(PyObject *self, PyObject *unused) {
+  em__pyclient *c = (em__pyclient *)self;
+  if (!c->c) return em_py_raise(EM_ECLOSED, "client for %s is closed", c->where);
+  em_client_stats st;
+  em_client_get_stats(c->c, &st);
+  PyObject *stages = PyDict_New();
+  if (!stages) return NULL;
+  for (int i = 0; i < EM_STAGE_COUNT; i++) {
+    const em_stage_stats *x = &st.stage[i];
+    PyObject *v = Py_BuildValue("(Kdddddd)", (unsigned long long)x->count, x->mean, x->p50, x->p90, x->p99, x->min,
+                                x->max);
+    if (!v || PyDict_SetItemString(stages, em_stage_names[i], v)) {
+      Py_XDECREF(v);
+      Py_DECREF(stages);
+      return NULL;
+    }
+    Py_DECREF(v);
+  }
+  return Py_BuildValue("{sKsNsLsKsKsKsO}", "calls", (unsigned long long)st.calls, "stages", stages, "offset_ns",
+                       (long long)st.offset_ns, "offset_err_ns", (unsigned long long)st.offset_err_ns,
+                       "offset_samples", (unsigned long long)st.offset_samples, "offset_age_ns",
+                       (unsigned long long)st.offset_age_ns, "synchronized", st.synchronized ? Py_True : Py_False);
+}
+
+static PyObject *em__client_reset_stats(PyObject *self, PyObject *unused) {
+  em__pyclient *c = (em__pyclient *)self;
+  if (c->c) em_client_reset_stats(c->c);
+  Py_RETURN_NONE;
+}
+
+static PyObject *em__client_set_synchronized(PyObject *self, PyObject *arg) {
+  em__pyclient *c = (em__pyclient *)self;
+  int yes = PyObject_IsTrue(arg);
+  if (yes < 0) return NULL;
+  if (c->c) em_client_set_synchronized(c->c, yes);
+  Py_RETURN_NONE;
+}
+
+static PyObject *em__client_idle(PyObject *self, PyObject *unused) {
+  em__pyclient *c = (em__pyclient *)self;
+  if (!c->c) return PyFloat_FromDouble(0);
+  return PyFloat_FromDouble((double)em_client_idle_ns(c->c) / 1e9);
 }
 
 static PyObject *em__client_hello(PyObject *self, PyObject *unused) {
@@ -192,7 +274,12 @@ static PyObject *em__client_shutdown(PyObject *self, PyObject *unused) {
 }
 
 static PyMethodDef em__client_methods[] = {
-    {"call", em__client_call, METH_VARARGS, "call(method, payload, timeout[, type]) -> (ok, value)"},
+    {"call", em__client_call, METH_VARARGS,
+     "call(method, payload, timeout[, type[, timed]]) -> (ok, value) or (ok, value, timing)"},
+    {"stats", em__client_stats, METH_NOARGS, "running per-stage statistics and the clock-offset estimate"},
+    {"reset_stats", em__client_reset_stats, METH_NOARGS, "clear the statistics (keeps the clock estimate)"},
+    {"set_synchronized", em__client_set_synchronized, METH_O, "declare the clocks synchronised (offset 0)"},
+    {"idle", em__client_idle, METH_NOARGS, "seconds since the last reply"},
     {"hello", em__client_hello, METH_NOARGS, "the server's handshake body (msgpack bytes)"},
     {"shutdown", em__client_shutdown, METH_NOARGS, "fail calls in flight with a ClosedError"},
     {"close", em__client_close, METH_NOARGS, "close the connection"},

@@ -18,6 +18,7 @@
 typedef struct em__slot {
   uint64_t id, gen;
   em_msg *reply;
+  uint64_t recv_ns; /* t5: when the reader had the whole reply */
   int rc;
   bool done;
   struct em__slot *prev, *next;
@@ -43,6 +44,12 @@ struct em_client {
   uint64_t next_id;  /* guarded by wmu */
   uint8_t *hello;
   size_t hello_len;
+  /* timing (guarded by mu) */
+  em__clock clock;
+  em__hist hist[EM_STAGE_COUNT];
+  uint64_t calls;
+  uint64_t last_reply_mono;
+  atomic_int synchronized;
 };
 
 static void em__cond_wait_until(pthread_cond_t *cv, pthread_mutex_t *mu, uint64_t deadline_mono) {
@@ -97,6 +104,7 @@ static int em__connect_attempt(void *ud, uint64_t deadline) { return em__connect
 int em_client_open(em_client **out, const char *host, uint16_t port, const em_client_opts *opts) {
   *out = NULL;
   em_client *c = calloc(1, sizeof *c);
+  if (c) c->last_reply_mono = em_mono_ns();
   if (!c) return EM_ENOMEM;
   if (opts) c->opts = *opts;
   c->host = strdup(host);
@@ -138,8 +146,37 @@ const uint8_t *em_client_server_hello(em_client *c, size_t *len) {
   return c->hello;
 }
 
+/* Feed a finished call's timestamps to the clock filter and the stats, and
+ * fill *out. mu held. */
+static void em__client_account(em_client *c, uint8_t type, const em_msg *m, uint64_t t0, uint64_t t5,
+                               uint64_t bytes_up, em_call_timing *out) {
+  em_call_timing t;
+  memset(&t, 0, sizeof t);
+  em__timing_fill(&t, m->ts_ns, t0, t5, bytes_up, m->frame_bytes);
+  uint64_t now = em_mono_ns();
+  int64_t off;
+  uint64_t delay;
+  if (em__timing_sample(&t, &off, &delay)) em__clock_add(&c->clock, off, delay, now);
+  em__clock_sample best = {0};
+  em__clock_best(&c->clock, now, &best);
+  em__timing_stages(&t, best.offset, best.delay / 2, atomic_load(&c->synchronized));
+  c->last_reply_mono = now;
+  if (type != EM_MSG_PING) { /* pings only feed the clock */
+    c->calls++;
+    for (int i = 0; i < EM_STAGE_COUNT; i++)
+      if (i != EM_STAGE_ENCODE && i != EM_STAGE_DECODE) em__hist_add(&c->hist[i], t.stage[i]);
+  }
+  if (out) *out = t;
+}
+
 int em_client_request(em_client *c, uint8_t type, em_payload *p, uint64_t timeout_ns, em_msg **reply) {
+  return em_client_request_timed(c, type, p, timeout_ns, reply, NULL);
+}
+
+int em_client_request_timed(em_client *c, uint8_t type, em_payload *p, uint64_t timeout_ns, em_msg **reply,
+                            em_call_timing *timing) {
   *reply = NULL;
+  uint64_t t0 = 0, bytes_up = 0;
   uint64_t deadline = timeout_ns == EM_FOREVER ? EM_FOREVER : em_mono_ns() + timeout_ns;
   em__slot slot;
   memset(&slot, 0, sizeof slot);
@@ -174,8 +211,10 @@ int em_client_request(em_client *c, uint8_t type, em_payload *p, uint64_t timeou
   pthread_mutex_unlock(&c->mu);
   if (!rc) {
     uint64_t frame_len;
-    uint64_t ts[4] = {em_now_ns(), 0, 0, 0};
+    t0 = em_now_ns();
+    uint64_t ts[4] = {t0, 0, 0, 0};
     int n = em__payload_frame(p, type, 0, slot.id, ts, iov, &frame_len);
+    bytes_up = frame_len;
     if (n < 0) rc = n;
     else if (frame_len > c->send_limit) rc = EM_ETOOBIG; /* the server would refuse it */
     else rc = em__writev_all(fd, iov, n, deadline);
@@ -210,12 +249,14 @@ int em_client_request(em_client *c, uint8_t type, em_payload *p, uint64_t timeou
       int r = em__read_frame(rfd, &c->reader, deadline, &m, &why);
       if (r == EM_EINTR && (!c->opts.check_interrupt || c->opts.check_interrupt(c->opts.interrupt_ud) == 0))
         r = 0; /* a signal that asks nothing of us: keep going */
+      uint64_t t5 = r == 1 ? em_now_ns() : 0;
       pthread_mutex_lock(&c->mu);
       c->reader_busy = false;
       if (r == 1) {
         for (em__slot *s = c->slots; s; s = s->next) {
           if (s->id == m->req_id && s->gen == rgen && !s->done) {
             s->reply = m;
+            s->recv_ns = t5;
             s->done = true;
             s->rc = EM_OK;
             m = NULL;
@@ -249,6 +290,8 @@ int em_client_request(em_client *c, uint8_t type, em_payload *p, uint64_t timeou
     em__cond_wait_until(&c->cv, &c->mu, deadline);
   }
 out:
+  if ((rc == EM_OK || rc == EM_EREMOTE) && slot.reply)
+    em__client_account(c, type, slot.reply, t0, slot.recv_ns, bytes_up, timing);
   if (slot.id) { /* unlink */
     if (slot.prev) slot.prev->next = slot.next;
     else if (c->slots == &slot) c->slots = slot.next;
@@ -264,6 +307,47 @@ out:
     em_msg_free(slot.reply);
   }
   return rc;
+}
+
+void em_client_set_synchronized(em_client *c, int yes) { atomic_store(&c->synchronized, yes ? 1 : 0); }
+
+void em_client_note(em_client *c, int stage, int64_t value) {
+  if (stage < 0 || stage >= EM_STAGE_COUNT) return;
+  pthread_mutex_lock(&c->mu);
+  em__hist_add(&c->hist[stage], value);
+  pthread_mutex_unlock(&c->mu);
+}
+
+void em_client_get_stats(em_client *c, em_client_stats *st) {
+  memset(st, 0, sizeof *st);
+  pthread_mutex_lock(&c->mu);
+  st->calls = c->calls;
+  for (int i = 0; i < EM_STAGE_COUNT; i++) em__hist_summary(&c->hist[i], &st->stage[i]);
+  uint64_t now = em_mono_ns();
+  em__clock_sample best;
+  int n = em__clock_best(&c->clock, now, &best);
+  st->synchronized = atomic_load(&c->synchronized);
+  if (n) {
+    st->offset_samples = (uint64_t)n;
+    st->offset_ns = st->synchronized ? 0 : best.offset;
+    st->offset_err_ns = st->synchronized ? 0 : best.delay / 2;
+    st->offset_age_ns = now - best.mono;
+  }
+  pthread_mutex_unlock(&c->mu);
+}
+
+void em_client_reset_stats(em_client *c) {
+  pthread_mutex_lock(&c->mu);
+  c->calls = 0;
+  memset(c->hist, 0, sizeof c->hist);
+  pthread_mutex_unlock(&c->mu);
+}
+
+uint64_t em_client_idle_ns(em_client *c) {
+  pthread_mutex_lock(&c->mu);
+  uint64_t last = c->last_reply_mono, now = em_mono_ns();
+  pthread_mutex_unlock(&c->mu);
+  return now - last;
 }
 
 void em_client_shutdown(em_client *c) {
