@@ -46,7 +46,7 @@ for layer in ("base", "wire", "net", "rpc", "python"):
 cflags, libs = find_deps()
 extra_compile = ["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",
                  "-Wno-missing-field-initializers", "-D_GNU_SOURCE"] + cflags
-extra_link = libs + ["-lpthread"]
+extra_link = libs + ["-lpthread", "-lm"]
 if os.environ.get("EDGEML_SANITIZE") == "asan":
     extra_compile += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
     extra_link += ["-fsanitize=address,undefined"]

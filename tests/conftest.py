@@ -61,19 +61,20 @@ def client(server, make_client):
 class ServerProcess:
     """An InferenceServer in a child process (to kill it for real)."""
 
-    def __init__(self, body: str, port: int = 0):
+    def __init__(self, body: str, port: int = 0, env=None, host: str = "127.0.0.1", prefix=()):
         code = textwrap.dedent(f"""
             import os, sys, time, signal
             import numpy as np
             import edgeml
-            s = edgeml.InferenceServer({port}, host="127.0.0.1")
+            s = edgeml.InferenceServer({port}, host={host!r})
         """) + textwrap.dedent(body) + textwrap.dedent("""
             s.start(threaded=True)
             print(s.port, flush=True)
             import threading
             threading.Event().wait()
         """)
-        self.proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen([*prefix, sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                                     env=None if env is None else {**os.environ, **env})
         line = self.proc.stdout.readline()
         if not line:
             self.proc.kill()
@@ -90,8 +91,8 @@ class ServerProcess:
 def server_process():
     procs = []
 
-    def make(body="s.register_interface('echo', lambda p: p)\n", port=0):
-        p = ServerProcess(body, port)
+    def make(body="s.register_interface('echo', lambda p: p)\n", port=0, **kw):
+        p = ServerProcess(body, port, **kw)
         procs.append(p)
         return p
 

@@ -21,7 +21,7 @@ def built():  # noqa: D401 - builds once per module
     return BUILD
 
 
-@pytest.mark.parametrize("name", ["test_wire", "test_rpc"])
+@pytest.mark.parametrize("name", ["test_wire", "test_rpc", "test_timing"])
 def test_c_unit(built, name):
     r = subprocess.run([os.path.join(built, "tests", name)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr

@@ -125,6 +125,32 @@ static void test_echo_and_errors(void) {
   }
   em_msg_free(r);
   free(big);
+  /* timing: a timed call's stages add up to its round trip, its byte counts
+   * are the frames' sizes, and the stats count calls but not pings */
+  em_call_timing tm;
+  em_payload_reset(&p);
+  em_payload_begin_request(&p, "sleep", 5);
+  msgpack_pack_int(&p.pk, 20);
+  CHECK_EQ(em_client_request_timed(c, EM_MSG_REQUEST, &p, 10000000000ull, &r, &tm), EM_OK);
+  CHECK(tm.stage[EM_STAGE_HANDLER] >= 20000000);
+  CHECK_EQ(tm.stage[EM_STAGE_UPLOAD] + tm.stage[EM_STAGE_QUEUE] + tm.stage[EM_STAGE_HANDLER] +
+               tm.stage[EM_STAGE_REPLY] + tm.stage[EM_STAGE_DOWNLOAD],
+           tm.stage[EM_STAGE_RTT]);
+  CHECK_EQ(tm.stage[EM_STAGE_BYTES_DOWN], r ? r->frame_bytes : 0);
+  CHECK(tm.stage[EM_STAGE_BYTES_UP] >= EM_FRAME_HEADER_BYTES);
+  CHECK(!tm.synchronized && tm.t[0] < tm.t[5]);
+  em_msg_free(r);
+  em_client_stats cst;
+  em_client_get_stats(c, &cst);
+  CHECK_EQ(cst.calls, 4); /* echo, fail, big echo, sleep; not the ping */
+  CHECK_EQ(cst.stage[EM_STAGE_RTT].count, 4);
+  CHECK(cst.stage[EM_STAGE_HANDLER].max >= 20000000);
+  CHECK(cst.offset_samples >= 1);
+  CHECK(cst.offset_ns > -5000000 && cst.offset_ns < 5000000); /* one host, one clock */
+  em_client_reset_stats(c);
+  em_client_get_stats(c, &cst);
+  CHECK_EQ(cst.calls, 0);
+  CHECK(cst.offset_samples >= 1); /* the clock estimate is kept */
   em_payload_destroy(&p);
   /* timeout: the handler sleeps 300 ms, we wait 50 ms; the connection is
    * still usable afterwards and the late reply is dropped */
