@@ -56,4 +56,4 @@ def test_c_unit_under_sanitizers(san):
                        capture_output=True, text=True, timeout=600,
                        env={**os.environ, "TSAN_OPTIONS": "halt_on_error=1", "ASAN_OPTIONS": "detect_leaks=1"})
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
-    assert r.stdout.count(" 0 failed") == 2
+    assert r.stdout.count(" 0 failed") == 3
