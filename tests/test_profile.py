@@ -1,0 +1,183 @@
+"""edgeml.profile and `edgeml profile`: plugins, model stages, the report
+files, the CLI end to end, and its errors."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+import edgeml
+from edgeml import profile
+
+from conftest import scaled
+
+pytestmark = pytest.mark.timeout(120)
+
+MODEL = textwrap.dedent("""
+    import time
+    from edgeml.profile import stage
+
+    class Model:
+        def preprocess(self, x):
+            return len(x)
+
+        @stage("backbone")
+        def backbone(self, n):
+            time.sleep(0.003)
+            return n
+
+        def infer(self, n):
+            with stage("head"):
+                time.sleep(0.001)
+            return {"n": self.backbone(n)}
+
+        def postprocess(self, y):
+            return y["n"] * 2
+
+    class Broken:
+        def infer(self, x):
+            raise RuntimeError("model exploded")
+
+    class Sensor:
+        def sample(self):
+            return b"z" * 5000
+""")
+
+
+@pytest.fixture
+def plugin(tmp_path):
+    path = tmp_path / "myplugin.py"
+    path.write_text(MODEL)
+    return str(path)
+
+
+def is_png(path):
+    with open(path, "rb") as f:
+        return f.read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(path) > 5000
+
+
+def test_api_run_with_plugins_and_model_stages(plugin, tmp_path, cleanup):
+    server = cleanup(profile.serve(f"{plugin}::Model", port=0, host="127.0.0.1", threaded=True))
+    result = profile.run("127.0.0.1", server.port, f"{plugin}::Sensor", iterations=25, warmup=2, progress=False)
+    assert len(result.samples) == 25 and not any("error" in s for s in result.samples)
+    for s in result.samples:
+        st = s["model_stages"]
+        assert set(st) == {"preprocess", "infer", "postprocess", "backbone", "head"}
+        assert st["backbone"] >= 3.0 and st["head"] >= 1.0
+        assert st["infer"] >= st["backbone"] + st["head"]
+        assert s["handler_ms"] >= st["preprocess"] + st["infer"] + st["postprocess"]
+        assert s["bytes_up"] > 5000
+        assert s["total_ms"] >= s["rtt_ms"] >= s["handler_ms"]
+    # model stages in the order they start, nested ones after their parent
+    assert result.stages == ["sense", "encode", "upload", "queue", "handler", "preprocess", "infer", "head",
+                             "backbone", "postprocess", "reply", "download", "decode", "rtt", "total"]
+    summary = result.summary()
+    assert summary["stages_ms"]["backbone"]["count"] == 25
+    assert summary["stages_ms"]["backbone"]["p50"] >= 3.0
+    assert summary["errors"] == 0
+    paths = result.write(str(tmp_path / "out"))
+    data = json.load(open(paths["json"]))
+    assert len(data["samples"]) == 25 and data["meta"]["sensor"].startswith("<")
+    assert data["meta"]["server"]["model"].startswith("<")
+    rows = list(csv.DictReader(open(paths["csv"])))
+    assert len(rows) == 25 and float(rows[0]["backbone_ms"]) >= 3.0
+    assert is_png(paths["stages_png"]) and is_png(paths["timeline_png"])
+    assert "backbone" in result.table()
+
+
+def test_builtin_plugins_and_rate(cleanup):
+    server = cleanup(profile.serve("echo", port=0, host="127.0.0.1", threaded=True))
+    t0 = time.monotonic()
+    result = profile.run("127.0.0.1", server.port, "random_image:16x8x3", iterations=20, warmup=0, rate=50,
+                         progress=False)
+    assert time.monotonic() - t0 >= 19 / 50  # paced: 20 calls at 50/s take at least 0.38 s
+    assert result.meta["achieved_rate_hz"] <= 50 * 1.05
+    assert all(s["bytes_up"] > 16 * 8 * 3 for s in result.samples)
+    with pytest.raises(ValueError, match="unknown sensor"):
+        profile.load_object("camera", "sensor")
+    with pytest.raises(ValueError, match="224x224x3"):
+        profile.load_object("random_image:axb", "sensor")
+    with pytest.raises(ValueError, match="no attribute"):
+        profile.load_object("edgeml.profile::Nope", "model")
+    with pytest.raises(ValueError, match="iterations"):
+        profile.run("127.0.0.1", server.port, iterations=0)
+    assert repr(profile.load_object("sleep:2.5", "model")) == "sleep:2.5"
+
+
+def test_stage_outside_a_run_is_transparent():
+    @profile.stage("x")
+    def f(a, b=1):
+        return a + b
+
+    assert f(1, b=2) == 3
+    with profile.record() as rec:
+        f(1)
+        f(1)
+        with profile.stage("y"):
+            pass
+    assert set(rec) == {"x", "y"} and rec["x"] >= 0
+    with pytest.raises(ValueError):
+        profile.stage("")
+
+
+def test_failing_model_is_reported_per_call(plugin, cleanup):
+    server = cleanup(profile.serve(f"{plugin}::Broken", port=0, host="127.0.0.1", threaded=True))
+    result = profile.run("127.0.0.1", server.port, "random_bytes:10", iterations=3, warmup=0, progress=False)
+    assert [("model exploded" in s.get("error", "")) for s in result.samples] == [True] * 3
+    assert result.summary()["errors"] == 3
+
+
+def run_cli(*args, timeout=60):
+    return subprocess.run([sys.executable, "-m", "edgeml", *args], capture_output=True, text=True,
+                          timeout=scaled(timeout))
+
+
+def test_cli_end_to_end(plugin, tmp_path):
+    srv = subprocess.Popen([sys.executable, "-m", "edgeml", "profile", "server", "--port", "0", "--host",
+                            "127.0.0.1", "--model", f"{plugin}::Model"], stdout=subprocess.PIPE, text=True)
+    try:
+        line = srv.stdout.readline()
+        assert "edgeml profile server" in line, line
+        port = int(line.split("127.0.0.1:")[1].split()[0])
+        out = tmp_path / "report"
+        r = run_cli("profile", "client", "--host", "127.0.0.1", "--port", str(port), "--sensor",
+                    "random_image:32x32x3", "--iterations", "30", "--warmup", "3", "--rate", "500",
+                    "--out", str(out))
+        assert r.returncode == 0, r.stderr
+        assert "backbone" in r.stdout and "p50 ms" in r.stdout and "symmetric" in r.stdout
+        assert "profile: 30/30 (100%)" in r.stderr  # progress, one line per 10% when not a terminal
+        data = json.load(open(out / "profile.json"))
+        assert data["summary"]["stages_ms"]["rtt"]["count"] == 30
+        assert data["meta"]["one_way_basis"].startswith("estimated")
+        assert len(list(csv.DictReader(open(out / "samples.csv")))) == 30
+        assert is_png(out / "stages.png") and is_png(out / "timeline.png")
+        # synchronised clocks declared, no plots
+        r = run_cli("profile", "client", "--host", "127.0.0.1", "--port", str(port), "--iterations", "5",
+                    "--warmup", "0", "--out", str(tmp_path / "r2"), "--no-plots", "--clocks-synchronized",
+                    "--quiet", "--sensor", "random_bytes:100")
+        assert r.returncode == 0, r.stderr
+        assert r.stderr == ""
+        assert json.load(open(tmp_path / "r2" / "profile.json"))["meta"]["one_way_basis"].startswith("clocks")
+        assert not (tmp_path / "r2" / "stages.png").exists()
+    finally:
+        srv.send_signal(signal.SIGINT)
+        assert srv.wait(timeout=scaled(10)) == 0  # Ctrl-C stops it cleanly
+
+
+def test_cli_errors(make_server, tmp_path):
+    r = run_cli("profile", "client", "--host", "127.0.0.1", "--port", "1", "--out", str(tmp_path))
+    assert r.returncode == 2 and "cannot connect" in r.stderr
+    s = make_server()  # an edgeml server, but not a profile one
+    r = run_cli("profile", "client", "--host", "127.0.0.1", "--port", str(s.port), "--out", str(tmp_path))
+    assert r.returncode == 2 and "not a profile server" in r.stderr
+    r = run_cli("profile", "client", "--host", "127.0.0.1", "--port", str(s.port), "--sensor", "webcam")
+    assert r.returncode == 2 and "unknown sensor 'webcam'" in r.stderr
+    r = run_cli("profile", "server", "--model", "nosuchmodule::M", "--port", "0")
+    assert r.returncode != 0 and "nosuchmodule" in r.stderr
+    r = run_cli("--version")
+    assert r.returncode == 0 and edgeml.__version__ in r.stdout
