@@ -21,6 +21,14 @@ if ! have_libs || ! command -v cc >/dev/null || ! command -v make >/dev/null; th
     pkg-config build-essential libuv1-dev "$msgpack_pkg" >/dev/null
 fi
 
+# iproute2 (ip, tc) for the timing tests over shaped links in network
+# namespaces; they are skipped, saying why, where namespaces are not allowed
+if [ "$(id -u)" = 0 ] && { ! command -v ip >/dev/null || ! command -v tc >/dev/null; }; then
+  echo "== installing iproute2 (ip, tc)"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 >/dev/null
+fi
+
 PY=${PYTHON:-python3}
 if ! "$PY" -m pip --version >/dev/null 2>&1; then
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pip python3-venv >/dev/null

@@ -15,6 +15,9 @@ typedef struct {
    * spare_busy is read and written with the GIL held. */
   em_payload spare;
   int spare_ok, spare_busy;
+  /* encode/decode stage histograms, kept here under the GIL (no extra lock
+   * per call); stats() reports them with the core's stages */
+  em__hist *codec_hist; /* [2]: encode, decode */
 } em__pyclient;
 
 static int em__check_interrupt(void *ud) {
@@ -55,6 +58,10 @@ static int em__client_init(PyObject *self, PyObject *args, PyObject *kw) {
   em_client_opts o;
   if (em__dial_args(args, kw, &host, &port, &o, c->where, sizeof c->where)) return -1;
   if (!c->spare_ok) c->spare_ok = em_payload_init(&c->spare) == EM_OK;
+  if (!c->codec_hist && !(c->codec_hist = PyMem_Calloc(2, sizeof *c->codec_hist))) {
+    PyErr_NoMemory();
+    return -1;
+  }
   o.check_interrupt = em__check_interrupt;
   char why[300] = "";
   o.errbuf = why;
@@ -82,6 +89,8 @@ static void em__client_dealloc(PyObject *self) {
   }
   if (c->spare_ok) em_payload_destroy(&c->spare);
   c->spare_ok = 0;
+  PyMem_Free(c->codec_hist);
+  c->codec_hist = NULL;
   Py_TYPE(self)->tp_free(self);
 }
 
@@ -147,7 +156,7 @@ static PyObject *em__client_call(PyObject *self, PyObject *args) {
     em_payload_begin_request(p, method, (size_t)method_len);
     if (em_py_encode(p, &keep, payload, "payload") != 0) goto done;
     enc_ns = (int64_t)(em_mono_ns() - t_enc);
-    em_client_note(cc, EM_STAGE_ENCODE, enc_ns);
+    if (c->codec_hist) em__hist_add(&c->codec_hist[0], enc_ns);
   } else {
     msgpack_pack_nil(&p->pk);
   }
@@ -165,7 +174,7 @@ static PyObject *em__client_call(PyObject *self, PyObject *args) {
     if (v && type == EM_MSG_REQUEST) {
       timing.stage[EM_STAGE_ENCODE] = enc_ns;
       timing.stage[EM_STAGE_DECODE] = (int64_t)(em_mono_ns() - t_dec);
-      em_client_note(cc, EM_STAGE_DECODE, timing.stage[EM_STAGE_DECODE]);
+      if (c->codec_hist) em__hist_add(&c->codec_hist[1], timing.stage[EM_STAGE_DECODE]);
     }
     if (v && timed) {
       PyObject *t = em__timing_tuple(&timing);
@@ -208,6 +217,10 @@ static PyObject *em__client_stats(PyObject *self, PyObject *unused) {
   if (!c->c) return em_py_raise(EM_ECLOSED, "client for %s is closed", c->where);
   em_client_stats st;
   em_client_get_stats(c->c, &st);
+  if (c->codec_hist) {
+    em__hist_summary(&c->codec_hist[0], &st.stage[EM_STAGE_ENCODE]);
+    em__hist_summary(&c->codec_hist[1], &st.stage[EM_STAGE_DECODE]);
+  }
   PyObject *stages = PyDict_New();
   if (!stages) return NULL;
   for (int i = 0; i < EM_STAGE_COUNT; i++) {
@@ -230,6 +243,7 @@ static PyObject *em__client_stats(PyObject *self, PyObject *unused) {
 static PyObject *em__client_reset_stats(PyObject *self, PyObject *unused) {
   em__pyclient *c = (em__pyclient *)self;
   if (c->c) em_client_reset_stats(c->c);
+  if (c->codec_hist) memset(c->codec_hist, 0, 2 * sizeof *c->codec_hist);
   Py_RETURN_NONE;
 }
 
