@@ -7,6 +7,7 @@ import asyncio
 import atexit
 import concurrent.futures
 import logging
+import os
 import threading
 import traceback
 import weakref
@@ -34,6 +35,19 @@ def _format_error(exc: BaseException) -> dict:
     if isinstance(exc, errors.UnknownRequestTypeError):
         info["request_types"] = list(exc.request_types)
     return info
+
+
+def resolve_token(token: Optional[str]) -> Optional[str]:
+    """The token to use: ``token``, else $EDGEML_TOKEN; "" means none."""
+    if token is None:
+        token = os.environ.get("EDGEML_TOKEN")
+    if token is None or token == "":
+        return None
+    if not isinstance(token, str):
+        raise TypeError(f"token must be a str, got {type(token).__name__}")
+    if "\0" in token:
+        raise ValueError("token must not contain NUL characters")
+    return token
 
 
 def _log_from_core(level: int, msg: str) -> None:
@@ -85,8 +99,13 @@ class ServerBase:
     _service = "edgeml"
 
     def __init__(self, port: int, host: str = "0.0.0.0", *, max_message_bytes: Optional[int] = None,
-                 broadcast_port: Optional[int] = None):
+                 broadcast_port: Optional[int] = None, token: Optional[str] = None,
+                 handshake_timeout: float = 10.0):
         _check_port(port)
+        if not float(handshake_timeout) > 0:
+            raise ValueError(f"handshake_timeout must be > 0 seconds, got {handshake_timeout!r}")
+        self._token = resolve_token(token)
+        self._handshake_timeout = float(handshake_timeout)
         if broadcast_port is not None:
             _check_port(broadcast_port, "broadcast_port")
             if broadcast_port == port and port != 0:
@@ -153,7 +172,8 @@ class ServerBase:
             bcast = None
             if self._requested_bport is not None:
                 bcast = _core.Server(self._host, self._requested_bport, self._service + ".broadcast", None,
-                                     _format_error, _log_from_core, b"", self._max_message_bytes)
+                                     _format_error, _log_from_core, b"", self._max_message_bytes, None,
+                                     self._token, self._handshake_timeout)
                 self._bound_bport = bcast.port
             try:
                 info = self._hello_info()
@@ -162,7 +182,7 @@ class ServerBase:
                     hello = _hello_bytes(info)
                 self._core = _core.Server(self._host, self._requested_port, self._service, self._dispatch,
                                           _format_error, _log_from_core, hello, self._max_message_bytes,
-                                          self._routes())
+                                          self._routes(), self._token, self._handshake_timeout)
             except BaseException:
                 if bcast is not None:
                     bcast.close()
@@ -313,9 +333,10 @@ class _Subscription:
     an exception in a callback is logged and the subscription goes on."""
 
     def __init__(self, host: str, port: int, service: str, *, connect_timeout: float = 5.0,
-                 max_message_bytes: Optional[int] = None, what: str = "broadcast"):
+                 max_message_bytes: Optional[int] = None, what: str = "broadcast", token: Optional[str] = None):
         self.host, self.port, self.what = host, port, what
-        self._sub = _core.Subscriber(host, port, service, float(connect_timeout), int(max_message_bytes or 0))
+        self._sub = _core.Subscriber(host, port, service, float(connect_timeout), int(max_message_bytes or 0),
+                                     token)
         self._callbacks: list = []
         self._cv = threading.Condition()
         self._closed = False
@@ -399,7 +420,8 @@ class ClientBase:
 
     def __init__(self, host: str, port: int, *, timeout: Optional[float] = DEFAULT_TIMEOUT,
                  connect_timeout: float = 5.0, max_message_bytes: Optional[int] = None,
-                 clocks_synchronized: bool = False, clock_refresh: Optional[float] = 5.0):
+                 clocks_synchronized: bool = False, clock_refresh: Optional[float] = 5.0,
+                 token: Optional[str] = None):
         self._core = None
         self._executor = None
         if not isinstance(port, int) or not 0 < port <= 65535:
@@ -413,7 +435,9 @@ class ClientBase:
         self._exec_lock = threading.Lock()
         self._clock_refresh = None if clock_refresh is None else float(clock_refresh)
         self._next_clock_ping = 0.0
-        self._core = _core.Client(host, port, self._service, float(connect_timeout), int(max_message_bytes or 0))
+        self._token = resolve_token(token)
+        self._core = _core.Client(host, port, self._service, float(connect_timeout), int(max_message_bytes or 0),
+                                  self._token)
         self._core.set_synchronized(bool(clocks_synchronized))
         if self._clock_refresh is not None:
             timing.keeper.add(self)

@@ -96,14 +96,14 @@ class EdgeServer(ServerBase):
 
     def __init__(self, config: EdgeConfig, observation_callback: Optional[Callable[[List[str]], Any]] = None,
                  action_callback: Optional[Callable[[str, Any], Any]] = None, *, host: str = "0.0.0.0",
-                 max_message_bytes: Optional[int] = None, log_level: Any = None):
+                 max_message_bytes: Optional[int] = None, log_level: Any = None, token: Optional[str] = None):
         if not isinstance(config, EdgeConfig):
             raise TypeError(f"config must be an EdgeConfig, got {type(config).__name__}")
         for name, cb in (("observation_callback", observation_callback), ("action_callback", action_callback)):
             if cb is not None and not callable(cb):
                 raise TypeError(f"{name} must be callable or None, got {cb!r}")
         super().__init__(config.port_number, host, max_message_bytes=max_message_bytes,
-                         broadcast_port=config.broadcast_port)
+                         broadcast_port=config.broadcast_port, token=token)
         self.config = config
         self._obs_keys = frozenset(config.observation_keys)
         self._act_keys = frozenset(config.action_keys)
@@ -166,7 +166,7 @@ class EdgeClient(ClientBase):
     def __init__(self, host: str = "localhost", port: Optional[int] = None, task_id: Optional[str] = None,
                  config: Optional[EdgeConfig] = None, *, timeout: Optional[float] = DEFAULT_TIMEOUT,
                  connect_timeout: float = 5.0, max_message_bytes: Optional[int] = None,
-                 wait_for_server: bool = False):
+                 wait_for_server: bool = False, token: Optional[str] = None):
         if isinstance(port, EdgeConfig) and config is None:  # EdgeClient(host, config)
             port, config = None, port
         if config is not None and not isinstance(config, EdgeConfig):
@@ -177,7 +177,7 @@ class EdgeClient(ClientBase):
             port = config.port_number
         super().__init__(host, port, timeout=timeout,
                          connect_timeout=(365 * 86400.0 if wait_for_server else connect_timeout),
-                         max_message_bytes=max_message_bytes)
+                         max_message_bytes=max_message_bytes, token=token)
         self.task_id = task_id
         self.config = config
         self._connect_timeout = connect_timeout
@@ -257,7 +257,8 @@ class EdgeClient(ClientBase):
                     f"the EdgeServer at {self.host}:{self.port} has no broadcast port "
                     "(set broadcast_port in its config)")
             self._subscription = _Subscription(self.host, bport, "edge.broadcast",
-                                               connect_timeout=self._connect_timeout, what="observations")
+                                               connect_timeout=self._connect_timeout, what="observations",
+                                               token=self._token or "")
         self._subscription.add_callback(callback)
 
     register_obs_callback = register_observation_callback

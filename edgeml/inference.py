@@ -24,8 +24,10 @@ class InferenceServer(ServerBase):
     _service = "inference"
 
     def __init__(self, port_num: int = 6379, host: str = "0.0.0.0", *,
-                 max_message_bytes: Optional[int] = None):
-        super().__init__(port_num, host, max_message_bytes=max_message_bytes)
+                 max_message_bytes: Optional[int] = None, token: Optional[str] = None,
+                 handshake_timeout: float = 10.0):
+        super().__init__(port_num, host, max_message_bytes=max_message_bytes, token=token,
+                         handshake_timeout=handshake_timeout)
         self._interfaces: Dict[str, Callable[[Any], Any]] = {}
 
     def register_interface(self, name: str, fn: Callable[[Any], Any]) -> None:
@@ -76,10 +78,10 @@ class InferenceClient(ClientBase):
     def __init__(self, host: str = "localhost", port: int = 6379, *,
                  timeout: Optional[float] = DEFAULT_TIMEOUT, connect_timeout: float = 5.0,
                  max_message_bytes: Optional[int] = None, clocks_synchronized: bool = False,
-                 clock_refresh: Optional[float] = 5.0):
+                 clock_refresh: Optional[float] = 5.0, token: Optional[str] = None):
         super().__init__(host, port, timeout=timeout, connect_timeout=connect_timeout,
                          max_message_bytes=max_message_bytes, clocks_synchronized=clocks_synchronized,
-                         clock_refresh=clock_refresh)
+                         clock_refresh=clock_refresh, token=token)
 
     def call(self, name: str, payload: Any = None, timeout: Optional[float] = None) -> Any:
         """Call interface ``name`` with ``payload``; returns the handler's reply."""

@@ -99,7 +99,7 @@ class TrainerServer(ServerBase):
     def __init__(self, config: TrainerConfig, train_step: Optional[Callable[[Any], Any]] = None,
                  data_callback: Optional[Callable[[str, Any], Any]] = None,
                  request_callback: Optional[Callable[[str, Any], Any]] = None, *, host: str = "0.0.0.0",
-                 max_message_bytes: Optional[int] = None, log_level: Any = None):
+                 max_message_bytes: Optional[int] = None, log_level: Any = None, token: Optional[str] = None):
         if not isinstance(config, TrainerConfig):
             raise TypeError(f"config must be a TrainerConfig, got {type(config).__name__}")
         if train_step is not None and _takes_two_args(train_step):
@@ -113,7 +113,7 @@ class TrainerServer(ServerBase):
             if cb is not None and not callable(cb):
                 raise TypeError(f"{name} must be callable or None, got {cb!r}")
         super().__init__(config.port_number, host, max_message_bytes=max_message_bytes,
-                         broadcast_port=config.broadcast_port)
+                         broadcast_port=config.broadcast_port, token=token)
         self.config = config
         self._train_step = train_step
         self._data_callback = data_callback
@@ -259,7 +259,7 @@ class TrainerClient(ClientBase):
                  timeout: Optional[float] = DEFAULT_TIMEOUT, connect_timeout: float = 5.0,
                  wait_for_server: bool = False, timeout_ms: Optional[float] = None,
                  max_message_bytes: Optional[int] = None, port: Optional[int] = None,
-                 log_level: Any = None):
+                 log_level: Any = None, token: Optional[str] = None):
         args = list(args)
         if len(args) >= 2 and isinstance(args[1], TrainerConfig):      # (host, config, ...)
             host, config = args[0], args[1]
@@ -301,7 +301,7 @@ class TrainerClient(ClientBase):
                 raise TypeError(f"data store {k!r} must be a DataStoreBase, got {type(v).__name__}")
         super().__init__(host, config.port_number if port is None else port, timeout=timeout,
                          connect_timeout=(365 * 86400.0 if wait_for_server else connect_timeout),
-                         max_message_bytes=max_message_bytes)
+                         max_message_bytes=max_message_bytes, token=token)
         self.config = config
         self.name = name
         self.session = uuid.uuid4().hex
@@ -461,7 +461,8 @@ class TrainerClient(ClientBase):
                 raise errors.InvalidArgumentError(
                     f"the TrainerServer at {self.host}:{self.port} has no broadcast port")
             self._subscription = _Subscription(self.host, bport, "trainer.broadcast",
-                                               connect_timeout=self._connect_timeout, what="weights")
+                                               connect_timeout=self._connect_timeout, what="weights",
+                                               token=self._token or "")
         self._subscription.add_callback(callback)
 
     def latest_network(self, timeout: Optional[float] = None, after_version: int = 0) -> Any:

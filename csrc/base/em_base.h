@@ -48,6 +48,22 @@ em_buf *em__buf_alloc(em_pool *p, size_t size);
 /* ---- misc (clock.c) */
 uint64_t em__random_u64(void); /* never 0 */
 
+/* ---- SHA-256, HMAC-SHA256, constant-time compare, random (sha256.c) */
+typedef struct em_sha256 {
+  uint32_t h[8];
+  uint64_t len;
+  uint8_t buf[64];
+  size_t fill;
+} em_sha256;
+void em_sha256_init(em_sha256 *s);
+void em_sha256_update(em_sha256 *s, const void *data, size_t n);
+void em_sha256_final(em_sha256 *s, uint8_t out[32]);
+/* HMAC-SHA256(key, p1 || p2 || p3); a part may be NULL with length 0 */
+void em_hmac_sha256(const void *key, size_t key_len, const void *p1, size_t n1, const void *p2, size_t n2,
+                    const void *p3, size_t n3, uint8_t out[32]);
+int em_ct_equal(const void *a, const void *b, size_t n); /* 1 if equal; time independent of content */
+int em_random_bytes(void *out, size_t n);               /* getrandom; EM_OK or EM_EIO */
+
 /* ---- logging */
 void em__log_stderr(void *ud, int level, const char *msg);
 

@@ -85,8 +85,10 @@ enum em_msg_type {
                            is its version (1, 2, ...), body the payload */
   EM_MSG_REQUEST = 12,  /* body: [method (str), payload] */
   EM_MSG_REPLY = 13,    /* body: payload */
-  EM_MSG_SUBSCRIBE = 14 /* subscriber -> server: "send me the next value
-                           newer than version req_id"; body nil */
+  EM_MSG_SUBSCRIBE = 14, /* subscriber -> server: "send me the next value
+                            newer than version req_id"; body nil */
+  EM_MSG_AUTH = 15       /* client -> server in the handshake: the token
+                            proof, {"proof": bin 32} (docs/protocol.md) */
 };
 
 /* msgpack ext types used in bodies. */
@@ -211,6 +213,10 @@ typedef struct em_client_opts {
    * reason for refusing the handshake), NUL-terminated. */
   char *errbuf;
   size_t errbuf_len;
+  /* Shared secret for the handshake's challenge-response (docs/security.md);
+   * NULL or "" = none. Copied at open. A client with a token refuses a
+   * server without one, and the other way round. */
+  const char *token;
 } em_client_opts;
 
 /* Connect to host:port and do the handshake. On success *out is owned by the
@@ -358,6 +364,11 @@ typedef struct em_server_opts {
   uint64_t tick_ns;
   em_log_fn log;               /* NULL = stderr */
   void *log_ud;
+  const char *token;           /* shared secret clients must prove they know
+                                  (challenge-response, never sent); NULL or
+                                  "" = none. Copied at open. */
+  uint64_t handshake_timeout_ns; /* close connections that have not finished
+                                    the handshake after this; 0 = 10 s */
 } em_server_opts;
 
 /* Create a server and bind and listen on host:port, so errors such as

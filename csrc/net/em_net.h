@@ -58,6 +58,9 @@ int em__conn_send_buf(em__conn *c, em_buf *b, size_t len);
 /* Close c after its queued writes, logging why (NULL = quietly). */
 void em__conn_close(em__conn *c, int level, const char *why);
 int *em__conn_state(em__conn *c);          /* one int for the layer above */
+uint8_t *em__conn_scratch(em__conn *c);    /* 32 bytes for the layer above */
+uint64_t em__conn_age_ns(const em__conn *c); /* since accept */
+bool em__conn_closing(const em__conn *c);  /* em__conn_close was called */
 /* Broadcast state of a connection, for the layer above (loop thread). */
 typedef struct em__conn_sub {
   bool subscribed;  /* sent SUBSCRIBE at least once (em__conn_set_subscribed) */

@@ -26,6 +26,8 @@ struct em__conn {
   bool closing, close_after_writes, reading;
   int state;               /* for the layer above (handshake) */
   em__conn_sub sub;        /* for the layer above (broadcast) */
+  uint64_t accepted_mono;  /* em_mono_ns() at accept */
+  uint8_t scratch[32];     /* for the layer above (handshake nonces) */
   char peer[64];
   em__conn *prev, *next;   /* l->conns list */
 };
@@ -98,6 +100,9 @@ void em__conn_close(em__conn *c, int level, const char *why) {
 }
 
 int *em__conn_state(em__conn *c) { return &c->state; }
+uint8_t *em__conn_scratch(em__conn *c) { return c->scratch; }
+uint64_t em__conn_age_ns(const em__conn *c) { return em_mono_ns() - c->accepted_mono; }
+bool em__conn_closing(const em__conn *c) { return c->closing || c->close_after_writes; }
 em__conn_sub *em__conn_sub_state(em__conn *c) { return &c->sub; }
 
 void em__conn_set_subscribed(em__conn *c) {
@@ -187,6 +192,7 @@ static void em__on_connection(uv_stream_t *server, int status) {
     return;
   }
   c->l = l;
+  c->accepted_mono = em_mono_ns();
   uv_tcp_init(&l->loop, &c->tcp);
   if (uv_accept(server, (uv_stream_t *)&c->tcp) != 0) {
     em__reader_destroy(&c->reader);

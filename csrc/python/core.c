@@ -29,15 +29,17 @@ static int em__check_interrupt(void *ud) {
 }
 
 /* The arguments Client and Subscriber share: (host, port, service=None,
- * connect_timeout=0.0, max_message_bytes=0). Fills *o (service and host
- * point into the argument objects, valid during init) and `where`. */
+ * connect_timeout=0.0, max_message_bytes=0, token=None). Fills *o (service,
+ * token and host point into the argument objects, valid during init; the
+ * core copies them) and `where`. */
 static int em__dial_args(PyObject *args, PyObject *kw, const char **host, int *port, em_client_opts *o,
                          char *where, size_t where_len) {
-  static char *kwlist[] = {"host", "port", "service", "connect_timeout", "max_message_bytes", NULL};
-  const char *service = NULL;
+  static char *kwlist[] = {"host", "port", "service", "connect_timeout", "max_message_bytes", "token", NULL};
+  const char *service = NULL, *token = NULL;
   double connect_timeout = 0;
   unsigned long long max_bytes = 0;
-  if (!PyArg_ParseTupleAndKeywords(args, kw, "si|zdK", kwlist, host, port, &service, &connect_timeout, &max_bytes))
+  if (!PyArg_ParseTupleAndKeywords(args, kw, "si|zdKz", kwlist, host, port, &service, &connect_timeout, &max_bytes,
+                                   &token))
     return -1;
   if (*port < 0 || *port > 65535) {
     PyErr_Format(PyExc_ValueError, "port must be in 0..65535, got %d", *port);
@@ -48,6 +50,7 @@ static int em__dial_args(PyObject *args, PyObject *kw, const char **host, int *p
   o->connect_timeout_ns = connect_timeout > 0 ? (uint64_t)(connect_timeout * 1e9) : 0;
   o->max_message_bytes = max_bytes;
   o->service = service;
+  o->token = token;
   return 0;
 }
 
@@ -303,7 +306,7 @@ static PyTypeObject em__client_type = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "edgeml._core.Client",
     .tp_basicsize = sizeof(em__pyclient),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Client(host, port, service=None, connect_timeout=0.0, max_message_bytes=0)",
+    .tp_doc = "Client(host, port, service=None, connect_timeout=0.0, max_message_bytes=0, token=None)",
     .tp_new = PyType_GenericNew,
     .tp_init = em__client_init,
     .tp_dealloc = em__client_dealloc,
@@ -450,15 +453,17 @@ static void em__log_py(void *ud, int level, const char *msg) {
 static int em__server_init(PyObject *self, PyObject *args, PyObject *kw) {
   em__pyserver *s = (em__pyserver *)self;
   static char *kwlist[] = {"host", "port", "service", "dispatch", "format_error", "log",
-                           "hello_info", "max_message_bytes", "routes", NULL};
+                           "hello_info", "max_message_bytes", "routes", "token", "handshake_timeout", NULL};
   const char *host, *service;
   int port;
   PyObject *dispatch, *format_error, *log;
   Py_buffer info = {0};
   unsigned long long max_bytes = 0;
   PyObject *routes = NULL;
-  if (!PyArg_ParseTupleAndKeywords(args, kw, "sisOOO|y*KO", kwlist, &host, &port, &service, &dispatch,
-                                   &format_error, &log, &info, &max_bytes, &routes))
+  const char *token = NULL;
+  double handshake_timeout = 0;
+  if (!PyArg_ParseTupleAndKeywords(args, kw, "sisOOO|y*KOzd", kwlist, &host, &port, &service, &dispatch,
+                                   &format_error, &log, &info, &max_bytes, &routes, &token, &handshake_timeout))
     return -1;
   if (routes == Py_None) routes = NULL;
   if (routes && !PyDict_CheckExact(routes)) {
@@ -486,6 +491,8 @@ static int em__server_init(PyObject *self, PyObject *args, PyObject *kw) {
   o.hello_info = info.buf;
   o.hello_info_len = info.buf ? (size_t)info.len : 0;
   o.max_message_bytes = max_bytes;
+  o.token = token;
+  o.handshake_timeout_ns = handshake_timeout > 0 ? (uint64_t)(handshake_timeout * 1e9) : 0;
   o.handler = dispatch == Py_None ? NULL : em__handler; /* None: broadcast only */
   o.handler_ud = s;
   o.tick = em__tick;
@@ -636,7 +643,8 @@ static PyTypeObject em__server_type = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "edgeml._core.Server",
     .tp_basicsize = sizeof(em__pyserver),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Server(host, port, service, dispatch, format_error, log, hello_info=b'', max_message_bytes=0, routes=None)\n"
+    .tp_doc = "Server(host, port, service, dispatch, format_error, log, hello_info=b'', max_message_bytes=0, routes=None, token=None, "
+               "handshake_timeout=0.0)\n"
                "routes: a dict method -> fn(payload), looked up (live) before dispatch is called",
     .tp_new = PyType_GenericNew,
     .tp_init = em__server_init,
@@ -741,7 +749,7 @@ static PyTypeObject em__sub_type = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "edgeml._core.Subscriber",
     .tp_basicsize = sizeof(em__pysub),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Subscriber(host, port, service=None, connect_timeout=0.0, max_message_bytes=0)",
+    .tp_doc = "Subscriber(host, port, service=None, connect_timeout=0.0, max_message_bytes=0, token=None)",
     .tp_new = PyType_GenericNew,
     .tp_init = em__sub_init,
     .tp_dealloc = em__sub_dealloc,
@@ -887,6 +895,9 @@ PyMODINIT_FUNC PyInit__core(void) {
   PyModule_AddIntConstant(m, "MSG_REQUEST", EM_MSG_REQUEST);
   PyModule_AddIntConstant(m, "MSG_REPLY", EM_MSG_REPLY);
   PyModule_AddIntConstant(m, "MSG_PING", EM_MSG_PING);
+  PyModule_AddIntConstant(m, "MSG_HELLO", EM_MSG_HELLO);
+  PyModule_AddIntConstant(m, "MSG_AUTH", EM_MSG_AUTH);
+  PyModule_AddIntConstant(m, "MSG_OK", EM_MSG_OK);
   PyModule_AddIntConstant(m, "MSG_ERROR", EM_MSG_ERROR);
   PyModule_AddIntConstant(m, "DEFAULT_MAX_MESSAGE_BYTES", (long)EM__DEFAULT_MAX_MESSAGE);
   PyModule_AddStringConstant(m, "VERSION", EM_VERSION_STRING);

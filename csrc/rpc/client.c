@@ -85,8 +85,8 @@ static int em__connect(em_client *c, uint64_t deadline) {
   }
   int fd = -1;
   em__hello_info info;
-  int rc = em__hello_dial(c->host, c->port, c->opts.service, "client", &c->reader, deadline, c->opts.errbuf,
-                          c->opts.errbuf_len, &fd, &info);
+  int rc = em__hello_dial(c->host, c->port, c->opts.service, "client", c->opts.token, &c->reader, deadline,
+                          c->opts.errbuf, c->opts.errbuf_len, &fd, &info);
   if (rc == EM_OK || rc == EM_EHANDSHAKE) {
     free(c->hello);
     c->hello = info.body;
@@ -109,6 +109,7 @@ int em_client_open(em_client **out, const char *host, uint16_t port, const em_cl
   if (opts) c->opts = *opts;
   c->host = strdup(host);
   if (c->opts.service) c->opts.service = strdup(c->opts.service);
+  if (c->opts.token) c->opts.token = strdup(c->opts.token);
   c->port = port;
   c->fd = -1;
   c->next_id = 1;
@@ -372,6 +373,10 @@ void em_client_close(em_client *c) {
   pthread_cond_destroy(&c->cv);
   free(c->hello);
   free((char *)c->opts.service);
+  if (c->opts.token) {
+    memset((char *)c->opts.token, 0, strlen(c->opts.token));
+    free((char *)c->opts.token);
+  }
   free(c->host);
   free(c);
 }

@@ -18,12 +18,22 @@ typedef struct em__hello_info {
   size_t body_len;
 } em__hello_info;
 
+/* Token challenge-response (docs/protocol.md "Authentication"):
+ * proof = HMAC-SHA256(token, label || a || b) over the two 16-byte nonces. */
+#define EM__NONCE_BYTES 16
+#define EM__AUTH_SERVER "edgeml-server-v1" /* a = client nonce, b = server nonce */
+#define EM__AUTH_CLIENT "edgeml-client-v1" /* a = server nonce, b = client nonce */
+void em__auth_proof(const char *token, const char *label, const uint8_t *a, const uint8_t *b, uint8_t out[32]);
+
 /* Dial host:port and handshake as `role`, expecting `service` (NULL =
- * any). On success *fd_out is the connected socket and *info is filled.
- * On EHANDSHAKE, errbuf holds the server's reason and info->body its
- * ERROR body; on other errors info is empty. Blocks up to deadline. */
-int em__hello_dial(const char *host, uint16_t port, const char *service, const char *role, em__reader *r,
-                   uint64_t deadline, char *errbuf, size_t errbuf_len, int *fd_out, em__hello_info *info);
+ * any), proving `token` (NULL or "" = none) if the server asks. On success
+ * *fd_out is the connected socket and *info is filled. On EHANDSHAKE,
+ * errbuf holds the reason (the server's, or why this side refused) and
+ * info->body the server's ERROR body if it sent one; on other errors info
+ * is empty. Blocks up to deadline. */
+int em__hello_dial(const char *host, uint16_t port, const char *service, const char *role, const char *token,
+                   em__reader *r, uint64_t deadline, char *errbuf, size_t errbuf_len, int *fd_out,
+                   em__hello_info *info);
 
 /* Call attempt(ud, deadline) until it succeeds or fails with anything but
  * ECONNREFUSED, retrying a refused connect (a server still starting) for

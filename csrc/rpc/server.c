@@ -20,8 +20,13 @@ struct em_server {
   size_t pub_len;
   uint64_t pub_version;
   atomic_bool closed_for_publish;
-  atomic_ullong n_requests, n_errors, n_bad_bodies, n_pub_sends;
+  atomic_ullong n_requests, n_errors, n_bad_bodies, n_pub_sends, n_auth_failures;
+  char *token;              /* NULL: no authentication */
+  uint64_t handshake_timeout_ns, last_sweep;
 };
+
+/* Handshake states of a connection (em__conn_state). */
+enum { EM__CONN_NEW = 0, EM__CONN_READY = 1, EM__CONN_AUTH = 2 };
 
 bool em__obj_streq(const msgpack_object *o, const char *s) {
   size_t n = strlen(s);
@@ -43,12 +48,28 @@ int em__pack_error(em_payload *p, const char *type, const char *message, const c
   return EM_OK;
 }
 
+static void em__refuse(em_server *s, em__conn *c, uint64_t req_id, const char *why) {
+  em_payload *p = &s->reply;
+  em_payload_reset(p);
+  em__pack_error(p, "HandshakeError", why, NULL);
+  em__conn_send(c, p, EM_MSG_ERROR, req_id, NULL);
+  em__conn_close(c, EM_LOG_WARNING, why);
+}
+
+/* A bin field of exactly n bytes, or NULL. */
+static const uint8_t *em__obj_bin(const msgpack_object *o, const char *key, size_t n) {
+  const msgpack_object *v = em_obj_get(o, key);
+  if (!v || v->type != MSGPACK_OBJECT_BIN || v->via.bin.size != n) return NULL;
+  return (const uint8_t *)v->via.bin.ptr;
+}
+
 static void em__handshake(em_server *s, em__conn *c, em_msg *m) {
   msgpack_zone zone;
   msgpack_zone_init(&zone, 1024);
   msgpack_object o;
   char why[256];
   why[0] = 0;
+  const uint8_t *client_nonce = NULL;
   if (m->type != EM_MSG_HELLO) {
     snprintf(why, sizeof why, "expected HELLO, got message type %u", m->type);
   } else if (em_msg_unpack(m, &zone, &o) != EM_OK || o.type != MSGPACK_OBJECT_MAP) {
@@ -56,22 +77,28 @@ static void em__handshake(em_server *s, em__conn *c, em_msg *m) {
   } else {
     const msgpack_object *proto = em_obj_get(&o, "proto");
     const msgpack_object *svc = em_obj_get(&o, "service");
+    client_nonce = em__obj_bin(&o, "nonce", EM__NONCE_BYTES);
     if (!proto || proto->type != MSGPACK_OBJECT_POSITIVE_INTEGER || proto->via.u64 != EM_PROTOCOL_VERSION) {
       snprintf(why, sizeof why, "client speaks another protocol version (server: %d)", EM_PROTOCOL_VERSION);
     } else if (svc && svc->type == MSGPACK_OBJECT_STR && !em__obj_streq(svc, s->service)) {
       snprintf(why, sizeof why, "client expects a '%.*s' server, this is a '%s' server",
                (int)EM__MIN(svc->via.str.size, 64u), svc->via.str.ptr, s->service);
+    } else if (s->token && !client_nonce) {
+      snprintf(why, sizeof why, "this server requires a token and the client sent no nonce (an older edgeml?)");
     }
   }
+  uint8_t nonces[2 * EM__NONCE_BYTES]; /* server nonce, client nonce */
+  if (!why[0] && s->token) {
+    memcpy(nonces + EM__NONCE_BYTES, client_nonce, EM__NONCE_BYTES);
+    if (em_random_bytes(nonces, EM__NONCE_BYTES)) snprintf(why, sizeof why, "no randomness for a nonce");
+  }
   msgpack_zone_destroy(&zone);
-  em_payload *p = &s->reply;
   if (why[0]) {
-    em__pack_error(p, "HandshakeError", why, NULL);
-    em__conn_send(c, p, EM_MSG_ERROR, m->req_id, NULL);
-    em__conn_close(c, EM_LOG_WARNING, why);
+    em__refuse(s, c, m->req_id, why);
     return;
   }
-  msgpack_pack_map(&p->pk, s->hello_info ? 5 : 4);
+  em_payload *p = &s->reply;
+  msgpack_pack_map(&p->pk, 4 + (s->hello_info ? 1 : 0) + (s->token ? 1 : 0));
   em__pack_cstr(&p->pk, "epoch");
   msgpack_pack_uint64(&p->pk, s->epoch);
   em__pack_cstr(&p->pk, "proto");
@@ -84,8 +111,60 @@ static void em__handshake(em_server *s, em__conn *c, em_msg *m) {
     em__pack_cstr(&p->pk, "info");
     msgpack_sbuffer_write(&p->sbuf, (const char *)s->hello_info, s->opts.hello_info_len);
   }
+  if (s->token) {
+    /* the challenge, and the server's own proof that it knows the token */
+    uint8_t proof[32];
+    em__auth_proof(s->token, EM__AUTH_SERVER, nonces + EM__NONCE_BYTES, nonces, proof);
+    em__pack_cstr(&p->pk, "auth");
+    msgpack_pack_map(&p->pk, 3);
+    em__pack_cstr(&p->pk, "scheme");
+    em__pack_cstr(&p->pk, "hmac-sha256");
+    em__pack_cstr(&p->pk, "nonce");
+    msgpack_pack_bin_with_body(&p->pk, nonces, EM__NONCE_BYTES);
+    em__pack_cstr(&p->pk, "proof");
+    msgpack_pack_bin_with_body(&p->pk, proof, sizeof proof);
+    memcpy(em__conn_scratch(c), nonces, sizeof nonces);
+  }
   em__conn_send(c, p, EM_MSG_HELLO, m->req_id, NULL);
-  *em__conn_state(c) = 1;
+  *em__conn_state(c) = s->token ? EM__CONN_AUTH : EM__CONN_READY;
+}
+
+/* The client's AUTH: {"proof": HMAC(token, "edgeml-client-v1" || server
+ * nonce || client nonce)}. Nothing reaches a handler before it checks. */
+static void em__authenticate(em_server *s, em__conn *c, em_msg *m) {
+  const char *why = NULL;
+  msgpack_zone zone;
+  msgpack_zone_init(&zone, 256);
+  msgpack_object o;
+  if (m->type != EM_MSG_AUTH) {
+    why = "this server requires a token: the client sent a request without authenticating";
+  } else if (em_msg_unpack(m, &zone, &o) != EM_OK || o.type != MSGPACK_OBJECT_MAP) {
+    why = "malformed AUTH";
+  } else {
+    const uint8_t *proof = em__obj_bin(&o, "proof", 32);
+    uint8_t want[32];
+    const uint8_t *n = em__conn_scratch(c);
+    em__auth_proof(s->token, EM__AUTH_CLIENT, n, n + EM__NONCE_BYTES, want);
+    if (!proof || !em_ct_equal(proof, want, sizeof want)) why = "authentication failed: wrong token";
+  }
+  msgpack_zone_destroy(&zone);
+  if (why) {
+    atomic_fetch_add(&s->n_auth_failures, 1);
+    em__refuse(s, c, m->req_id, why);
+    return;
+  }
+  msgpack_pack_nil(&s->reply.pk);
+  em__conn_send(c, &s->reply, EM_MSG_OK, m->req_id, NULL);
+  *em__conn_state(c) = EM__CONN_READY;
+}
+
+static void em__sweep_one(void *ud, em__conn *c) {
+  em_server *s = ud;
+  if (*em__conn_state(c) != EM__CONN_READY && !em__conn_closing(c) && em__conn_age_ns(c) > s->handshake_timeout_ns) {
+    char why[96];
+    snprintf(why, sizeof why, "no handshake within %.3g s", (double)s->handshake_timeout_ns / 1e9);
+    em__conn_close(c, EM_LOG_WARNING, why);
+  }
 }
 
 /* Send the current value to c if it waits for one newer than it has. Loop
@@ -181,8 +260,10 @@ int em_server_publish(em_server *s, em_payload *p, uint64_t *version_out) {
 static void em__on_frame(void *ud, em__conn *c, em_msg *m) {
   em_server *s = ud;
   uint64_t t_recv = em_now_ns();
-  if (*em__conn_state(c) == 0) {
-    em__handshake(s, c, m);
+  int state = *em__conn_state(c);
+  if (state != EM__CONN_READY) {
+    if (state == EM__CONN_NEW) em__handshake(s, c, m);
+    else em__authenticate(s, c, m);
     em_msg_free(m);
     return;
   }
@@ -230,7 +311,12 @@ static void em__on_frame(void *ud, em__conn *c, em_msg *m) {
 
 static int em__on_tick(void *ud) {
   em_server *s = ud;
-  return s->opts.tick(s->opts.tick_ud);
+  uint64_t now = em_mono_ns();
+  if (now - s->last_sweep >= EM__MIN(s->handshake_timeout_ns / 4, 1000000000ull)) {
+    s->last_sweep = now;
+    em__listener_foreach(s->l, em__sweep_one, s);
+  }
+  return s->opts.tick ? s->opts.tick(s->opts.tick_ud) : 0;
 }
 
 int em_server_open(em_server **out, const em_server_opts *opts) {
@@ -254,8 +340,21 @@ int em_server_open(em_server **out, const em_server_opts *opts) {
   s->epoch = em__random_u64();
   pthread_mutex_init(&s->pub_mu, NULL);
   em_pool *pool = em__pool_new(256u << 20);
-  em__listener_cbs cbs = {.ud = s, .on_frame = em__on_frame, .on_tick = opts->tick ? em__on_tick : NULL,
-                          .tick_ns = opts->tick_ns, .on_wake = em__on_wake, .log = opts->log,
+  s->handshake_timeout_ns = opts->handshake_timeout_ns ? opts->handshake_timeout_ns : 10000000000ull;
+  s->last_sweep = em_mono_ns();
+  if (opts->token && opts->token[0] && !(s->token = strdup(opts->token))) {
+    free(s->service);
+    free(s->hello_info);
+    em_payload_destroy(&s->reply);
+    free(s);
+    return EM_ENOMEM;
+  }
+  s->opts.token = NULL; /* the caller's string; s->token is ours */
+  /* the tick also closes connections that never finish the handshake */
+  uint64_t sweep_ns = EM__MIN(s->handshake_timeout_ns / 4, 1000000000ull);
+  uint64_t tick_ns = opts->tick && opts->tick_ns ? EM__MIN(opts->tick_ns, sweep_ns) : sweep_ns;
+  em__listener_cbs cbs = {.ud = s, .on_frame = em__on_frame, .on_tick = em__on_tick,
+                          .tick_ns = EM__MAX(tick_ns, 1000000ull), .on_wake = em__on_wake, .log = opts->log,
                           .log_ud = opts->log_ud};
   int rc = pool ? EM_OK : EM_ENOMEM;
   if (!rc) {
@@ -269,6 +368,7 @@ int em_server_open(em_server **out, const em_server_opts *opts) {
     em_payload_destroy(&s->reply);
     free(s->service);
     free(s->hello_info);
+    free(s->token);
     free(s);
     return rc;
   }
@@ -307,5 +407,6 @@ void em_server_close(em_server *s) {
   em_payload_destroy(&s->reply);
   free(s->service);
   free(s->hello_info);
+  free(s->token);
   free(s);
 }

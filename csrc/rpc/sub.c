@@ -59,8 +59,8 @@ static bool em__sub_closed(em_sub *s) {
 static int em__sub_dial(em_sub *s, uint64_t deadline) {
   int fd = -1;
   em__hello_info info;
-  int rc = em__hello_dial(s->host, s->port, s->service, "subscriber", &s->reader, deadline, s->opts.errbuf,
-                          s->opts.errbuf_len, &fd, &info);
+  int rc = em__hello_dial(s->host, s->port, s->service, "subscriber", s->opts.token, &s->reader, deadline,
+                          s->opts.errbuf, s->opts.errbuf_len, &fd, &info);
   free(info.body);
   if (rc) return rc;
   pthread_mutex_lock(&s->mu);
@@ -90,6 +90,7 @@ int em_sub_open(em_sub **out, const char *host, uint16_t port, const em_client_o
   if (opts) s->opts = *opts;
   s->host = strdup(host);
   s->service = s->opts.service ? strdup(s->opts.service) : NULL;
+  if (s->opts.token) s->opts.token = strdup(s->opts.token);
   s->port = port;
   s->fd = -1;
   s->backoff_ns = EM__SUB_BACKOFF_MIN_NS;
@@ -211,6 +212,10 @@ void em_sub_close(em_sub *s) {
   pthread_mutex_destroy(&s->mu);
   pthread_cond_destroy(&s->cv);
   free(s->service);
+  if (s->opts.token) {
+    memset((char *)s->opts.token, 0, strlen(s->opts.token));
+    free((char *)s->opts.token);
+  }
   free(s->host);
   free(s);
 }

@@ -56,9 +56,11 @@ static void *run_thread(void *s) {
   return NULL;
 }
 
+static const char *server_token; /* for start_server */
+
 static em_server *start_server(uint16_t port, pthread_t *th) {
   em_server_opts o = {.host = "127.0.0.1", .port = port, .service = "test", .handler = handler,
-                      .log = quiet_log};
+                      .log = quiet_log, .token = server_token};
   em_server *s;
   if (em_server_open(&s, &o) != EM_OK) return NULL;
   pthread_create(th, NULL, run_thread, s);
@@ -392,8 +394,95 @@ static void test_sub_shutdown_wakes_waiter(void) {
   stop_server(s, th);
 }
 
+/* SHA-256 (FIPS 180-4 examples) and HMAC-SHA256 (RFC 4231 cases 1, 2, 6). */
+static void hex(const uint8_t *d, size_t n, char *out) {
+  for (size_t i = 0; i < n; i++) sprintf(out + 2 * i, "%02x", d[i]);
+}
+
+static void test_sha256_hmac_vectors(void) {
+  uint8_t out[32];
+  char h[65];
+  em_sha256 s;
+  em_sha256_init(&s);
+  em_sha256_update(&s, "abc", 3);
+  em_sha256_final(&s, out);
+  hex(out, 32, h);
+  CHECK(strcmp(h, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad") == 0);
+  const char *m2 = "abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq";
+  em_sha256_init(&s);
+  for (size_t i = 0; i < strlen(m2); i++) em_sha256_update(&s, m2 + i, 1); /* byte by byte */
+  em_sha256_final(&s, out);
+  hex(out, 32, h);
+  CHECK(strcmp(h, "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1") == 0);
+  uint8_t key1[20];
+  memset(key1, 0x0b, sizeof key1);
+  em_hmac_sha256(key1, sizeof key1, "Hi ", 3, "There", 5, NULL, 0, out);
+  hex(out, 32, h);
+  CHECK(strcmp(h, "b0344c61d8db38535ca8afceaf0bf12b881dc200c9833da726e9376c2e32cff7") == 0);
+  em_hmac_sha256("Jefe", 4, "what do ya want ", 16, "for nothing?", 12, NULL, 0, out);
+  hex(out, 32, h);
+  CHECK(strcmp(h, "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843") == 0);
+  uint8_t key6[131];
+  memset(key6, 0xaa, sizeof key6);
+  const char *m6 = "Test Using Larger Than Block-Size Key - Hash Key First";
+  em_hmac_sha256(key6, sizeof key6, m6, strlen(m6), NULL, 0, NULL, 0, out);
+  hex(out, 32, h);
+  CHECK(strcmp(h, "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54") == 0);
+  CHECK(em_ct_equal("abcd", "abcd", 4));
+  CHECK(!em_ct_equal("abcd", "abce", 4));
+}
+
+/* A server with a token: the right token gets through; a wrong or missing
+ * one is EHANDSHAKE with a reason; a client with a token refuses a server
+ * without one. */
+static void test_token_auth(void) {
+  pthread_t th;
+  server_token = "correct horse battery staple";
+  em_server *s = start_server(0, &th);
+  server_token = NULL;
+  CHECK(s != NULL);
+  uint16_t port = em_server_port(s);
+  em_client *c = NULL;
+  char why[300] = "";
+  em_client_opts co = {.service = "test", .token = "correct horse battery staple", .errbuf = why,
+                       .errbuf_len = sizeof why};
+  CHECK_EQ(em_client_open(&c, "127.0.0.1", port, &co), EM_OK);
+  int64_t v = 0;
+  CHECK_EQ(call_int(c, "echo", 99, EM_FOREVER, &v), EM_OK);
+  CHECK_EQ(v, 99);
+  em_client *bad = NULL;
+  co.token = "wrong";
+  CHECK_EQ(em_client_open(&bad, "127.0.0.1", port, &co), EM_EHANDSHAKE);
+  CHECK(bad == NULL && strstr(why, "authentication failed") != NULL);
+  co.token = NULL;
+  why[0] = 0;
+  CHECK_EQ(em_client_open(&bad, "127.0.0.1", port, &co), EM_EHANDSHAKE);
+  CHECK(strstr(why, "requires a token") != NULL);
+  em_sub *sub = NULL; /* subscriptions authenticate the same way */
+  co.token = "correct horse battery staple";
+  CHECK_EQ(em_sub_open(&sub, "127.0.0.1", port, &co), EM_OK);
+  em_sub_close(sub);
+  co.token = "nope";
+  CHECK_EQ(em_sub_open(&sub, "127.0.0.1", port, &co), EM_EHANDSHAKE);
+  CHECK_EQ(call_int(c, "echo", 7, EM_FOREVER, &v), EM_OK); /* unaffected */
+  em_server_stats st;
+  em_server_get_stats(s, &st);
+  CHECK_EQ(st.requests, 2);
+  em_client_close(c);
+  stop_server(s, th);
+  /* a client with a token refuses a server without one */
+  s = start_server(0, &th);
+  co.token = "correct horse battery staple";
+  why[0] = 0;
+  CHECK_EQ(em_client_open(&bad, "127.0.0.1", em_server_port(s), &co), EM_EHANDSHAKE);
+  CHECK(strstr(why, "asks for none") != NULL);
+  stop_server(s, th);
+}
+
 int main(void) {
   RUN(test_echo_and_errors);
+  RUN(test_sha256_hmac_vectors);
+  RUN(test_token_auth);
   RUN(test_threads_share_a_client);
   RUN(test_garbage_peer_does_not_hurt_others);
   RUN(test_stop_rebind_reconnect);
