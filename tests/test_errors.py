@@ -116,12 +116,13 @@ def test_server_killed_mid_call_fails_at_once(server_process, make_client):
         s.register_interface('die', die)
         s.register_interface('echo', lambda p: p)
     """)
-    c = make_client(proc.port, timeout=scaled(30))
+    c = make_client(proc.port, timeout=scaled(30), connect_timeout=0.3)
     assert c.call("echo", 1) == 1
     t0 = time.monotonic()
     with pytest.raises(edgeml.EdgeMLConnectionError, match=str(proc.port)):
         c.call("die", {})
     assert time.monotonic() - t0 < scaled(5)  # not the 30 s timeout
+    # the next call re-dials with backoff for connect_timeout, then says why
     with pytest.raises(edgeml.EdgeMLConnectionError, match="refused|closed"):
         c.call("echo", 1)
 
@@ -137,6 +138,36 @@ def test_client_reconnects_after_server_restart(server_process, make_client):
     proc2 = server_process(port=port)
     assert proc2.port == port
     assert c.call("echo", 3) == 3
+
+
+def test_call_during_a_server_restart_waits_and_succeeds(server_process, make_client):
+    """A call made while the server is down re-dials with backoff (up to
+    connect_timeout) and succeeds once the server is back on its port."""
+    import threading
+    proc = server_process()
+    port = proc.port
+    c = make_client(port, connect_timeout=scaled(20))
+    assert c.call("echo", 1) == 1
+    proc.kill()
+    # a call on the connection that died fails (it may have been sent: edgeml
+    # never re-sends a request on its own); after it the client knows
+    with pytest.raises((edgeml.EdgeMLConnectionError, edgeml.EdgeMLTimeoutError)):
+        c.call("echo", 0, timeout=0.5)
+    result = {}
+
+    def call():
+        try:
+            result["v"] = c.call("echo", 2)
+        except Exception as e:  # pragma: no cover - reported below
+            result["e"] = e
+
+    th = threading.Thread(target=call)
+    th.start()
+    time.sleep(0.3)  # the call is now retrying a refused connect
+    assert th.is_alive()
+    server_process(port=port)
+    th.join(scaled(20))
+    assert result == {"v": 2}
 
 
 def test_encode_error_names_key_path_and_type(server, client):

@@ -120,3 +120,19 @@ def test_silent_connections_are_closed_after_the_handshake_timeout(make_server, 
         sock.close()
     with pytest.raises(ValueError, match="handshake_timeout"):
         edgeml.InferenceServer(0, handshake_timeout=0)
+
+
+def test_big_frames_before_the_handshake_are_refused_unallocated(make_server, make_client):
+    """Before a connection has handshaken (and authenticated) its frames may
+    be at most 64 KiB: a peer cannot make the server reserve memory."""
+    s = make_server(token=TOKEN)
+    good = make_client(s.port, token=TOKEN)
+    for declared in (1 << 20, 1 << 32):
+        sock = socket.create_connection(("127.0.0.1", s.port), timeout=scaled(5))
+        hdr = bytearray(edgeml.encode_frame({"proto": 1}, _core.MSG_HELLO)[:64])
+        struct.pack_into("<Q", hdr, 24, declared)
+        sock.sendall(bytes(hdr))
+        assert sock.recv(1) == b""  # closed, nothing allocated or answered
+        sock.close()
+    assert s.stats()["protocol_errors"] >= 2
+    assert good.call("echo", [1, 2]) == [1, 2]

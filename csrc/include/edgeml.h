@@ -233,7 +233,9 @@ int em_client_open(em_client **out, const char *host, uint16_t port,
  * EM_EREMOTE it is the ERROR message (its body is a map with "type",
  * "message", "traceback"); on any other code *reply is NULL.
  * `p` stays the caller's; its blobs are no longer read when this returns.
- * A broken connection is re-dialled once at the next call.
+ * A broken connection is re-dialled at the next call; a refused connect
+ * (a server restarting) is retried with backoff for up to connect_timeout
+ * within the call's timeout. A request is never re-sent by the library.
  * Errors: ETIMEDOUT, ECONNCLOSED, ECONNREFUSED, EPROTO, ETOOBIG, ECLOSED. */
 int em_client_request(em_client *c, uint8_t type, em_payload *p,
                       uint64_t timeout_ns, em_msg **reply);

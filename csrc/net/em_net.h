@@ -59,6 +59,11 @@ int em__conn_send_buf(em__conn *c, em_buf *b, size_t len);
 void em__conn_close(em__conn *c, int level, const char *why);
 int *em__conn_state(em__conn *c);          /* one int for the layer above */
 uint8_t *em__conn_scratch(em__conn *c);    /* 32 bytes for the layer above */
+/* Frames on a new connection may be at most EM__HANDSHAKE_MAX_FRAME bytes
+ * (no peer can make the server allocate more before it has handshaken and
+ * authenticated); open_up raises the limit to the listener's max_frame. */
+#define EM__HANDSHAKE_MAX_FRAME (64u * 1024u)
+void em__conn_open_up(em__conn *c);
 uint64_t em__conn_age_ns(const em__conn *c); /* since accept */
 bool em__conn_closing(const em__conn *c);  /* em__conn_close was called */
 /* Broadcast state of a connection, for the layer above (loop thread). */

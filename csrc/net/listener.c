@@ -101,6 +101,7 @@ void em__conn_close(em__conn *c, int level, const char *why) {
 
 int *em__conn_state(em__conn *c) { return &c->state; }
 uint8_t *em__conn_scratch(em__conn *c) { return c->scratch; }
+void em__conn_open_up(em__conn *c) { c->reader.max_frame = c->l->max_frame; }
 uint64_t em__conn_age_ns(const em__conn *c) { return em_mono_ns() - c->accepted_mono; }
 bool em__conn_closing(const em__conn *c) { return c->closing || c->close_after_writes; }
 em__conn_sub *em__conn_sub_state(em__conn *c) { return &c->sub; }
@@ -186,7 +187,8 @@ static void em__on_connection(uv_stream_t *server, int status) {
     return;
   }
   em__conn *c = calloc(1, sizeof *c);
-  if (!c || em__reader_init(&c->reader, l->pool, l->max_frame)) {
+  /* until the layer above raises it (handshake done), frames are small */
+  if (!c || em__reader_init(&c->reader, l->pool, EM__MIN(l->max_frame, (uint64_t)EM__HANDSHAKE_MAX_FRAME))) {
     free(c);
     em__log(&l->cbs, EM_LOG_ERROR, "out of memory accepting a connection");
     return;

@@ -5,7 +5,8 @@
  * in flight, the caller reads its own reply: no thread handoff at all.
  *
  * Locks: wmu (serialises writes and reconnects) is taken before mu (all
- * other state). The reader reads without holding mu. */
+ * other state), and mu before smu (timing statistics only, held briefly).
+ * The reader reads without holding mu. */
 #include "em_rpc.h"
 
 #include <errno.h>
@@ -44,7 +45,9 @@ struct em_client {
   uint64_t next_id;  /* guarded by wmu */
   uint8_t *hello;
   size_t hello_len;
-  /* timing (guarded by mu) */
+  /* timing, guarded by smu: never held across I/O, so stats() never waits
+   * for a reconnect (mu may be held for a whole dial and handshake) */
+  pthread_mutex_t smu;
   em__clock clock;
   em__hist hist[EM_STAGE_COUNT];
   uint64_t calls;
@@ -101,6 +104,27 @@ static int em__connect(em_client *c, uint64_t deadline) {
 
 static int em__connect_attempt(void *ud, uint64_t deadline) { return em__connect(ud, deadline); }
 
+/* Re-dial at a call after the connection broke. A refused connect (a server
+ * restarting) is retried with backoff (20 ms doubling to 500 ms) for up to
+ * connect_timeout, within the call's deadline; em_client_shutdown ends the
+ * wait at once. wmu and mu held (mu is released while waiting). */
+static int em__reconnect(em_client *c, uint64_t deadline) {
+  uint64_t start = em_mono_ns();
+  uint64_t until = c->opts.connect_timeout_ns ? start + c->opts.connect_timeout_ns : start;
+  if (deadline != EM_FOREVER && deadline < until) until = deadline;
+  uint64_t backoff = 20000000ull;
+  for (;;) {
+    int rc = em__connect(c, deadline);
+    if (rc != EM_ECONNREFUSED) return rc;
+    uint64_t now = em_mono_ns();
+    if (now + backoff > until) return rc;
+    uint64_t wake = now + backoff;
+    while (!c->closed && em_mono_ns() < wake) em__cond_wait_until(&c->cv, &c->mu, wake);
+    if (c->closed) return EM_ECLOSED;
+    backoff = EM__MIN(backoff * 2, 500000000ull);
+  }
+}
+
 int em_client_open(em_client **out, const char *host, uint16_t port, const em_client_opts *opts) {
   *out = NULL;
   em_client *c = calloc(1, sizeof *c);
@@ -117,6 +141,7 @@ int em_client_open(em_client **out, const char *host, uint16_t port, const em_cl
   c->pool = em__pool_new(256u << 20);
   pthread_mutex_init(&c->wmu, NULL);
   pthread_mutex_init(&c->mu, NULL);
+  pthread_mutex_init(&c->smu, NULL);
   pthread_condattr_t ca;
   pthread_condattr_init(&ca);
   pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
@@ -148,13 +173,14 @@ const uint8_t *em_client_server_hello(em_client *c, size_t *len) {
 }
 
 /* Feed a finished call's timestamps to the clock filter and the stats, and
- * fill *out. mu held. */
+ * fill *out. Takes smu. */
 static void em__client_account(em_client *c, uint8_t type, const em_msg *m, uint64_t t0, uint64_t t5,
                                uint64_t bytes_up, em_call_timing *out) {
   em_call_timing t;
   memset(&t, 0, sizeof t);
   em__timing_fill(&t, m->ts_ns, t0, t5, bytes_up, m->frame_bytes);
   uint64_t now = em_mono_ns();
+  pthread_mutex_lock(&c->smu);
   int64_t off;
   uint64_t delay;
   if (em__timing_sample(&t, &off, &delay)) em__clock_add(&c->clock, off, delay, now);
@@ -167,6 +193,7 @@ static void em__client_account(em_client *c, uint8_t type, const em_msg *m, uint
     for (int i = 0; i < EM_STAGE_COUNT; i++)
       if (i != EM_STAGE_ENCODE && i != EM_STAGE_DECODE) em__hist_add(&c->hist[i], t.stage[i]);
   }
+  pthread_mutex_unlock(&c->smu);
   if (out) *out = t;
 }
 
@@ -198,7 +225,7 @@ int em_client_request_timed(em_client *c, uint8_t type, em_payload *p, uint64_t 
   int rc = EM_OK;
   if (c->fd < 0 || c->broken) {
     while (c->reader_busy) em__cond_wait_until(&c->cv, &c->mu, deadline);
-    rc = em__connect(c, deadline);
+    rc = em__reconnect(c, deadline);
   }
   uint64_t gen = c->gen;
   if (!rc) {
@@ -291,8 +318,6 @@ int em_client_request_timed(em_client *c, uint8_t type, em_payload *p, uint64_t 
     em__cond_wait_until(&c->cv, &c->mu, deadline);
   }
 out:
-  if ((rc == EM_OK || rc == EM_EREMOTE) && slot.reply)
-    em__client_account(c, type, slot.reply, t0, slot.recv_ns, bytes_up, timing);
   if (slot.id) { /* unlink */
     if (slot.prev) slot.prev->next = slot.next;
     else if (c->slots == &slot) c->slots = slot.next;
@@ -301,6 +326,8 @@ out:
   c->users--;
   pthread_cond_broadcast(&c->cv);
   pthread_mutex_unlock(&c->mu);
+  if ((rc == EM_OK || rc == EM_EREMOTE) && slot.reply)
+    em__client_account(c, type, slot.reply, t0, slot.recv_ns, bytes_up, timing);
   if (rc == EM_OK && slot.reply) {
     if (slot.reply->type == EM_MSG_ERROR) rc = EM_EREMOTE;
     *reply = slot.reply;
@@ -314,14 +341,14 @@ void em_client_set_synchronized(em_client *c, int yes) { atomic_store(&c->synchr
 
 void em_client_note(em_client *c, int stage, int64_t value) {
   if (stage < 0 || stage >= EM_STAGE_COUNT) return;
-  pthread_mutex_lock(&c->mu);
+  pthread_mutex_lock(&c->smu);
   em__hist_add(&c->hist[stage], value);
-  pthread_mutex_unlock(&c->mu);
+  pthread_mutex_unlock(&c->smu);
 }
 
 void em_client_get_stats(em_client *c, em_client_stats *st) {
   memset(st, 0, sizeof *st);
-  pthread_mutex_lock(&c->mu);
+  pthread_mutex_lock(&c->smu);
   st->calls = c->calls;
   for (int i = 0; i < EM_STAGE_COUNT; i++) em__hist_summary(&c->hist[i], &st->stage[i]);
   uint64_t now = em_mono_ns();
@@ -334,20 +361,20 @@ void em_client_get_stats(em_client *c, em_client_stats *st) {
     st->offset_err_ns = st->synchronized ? 0 : best.delay / 2;
     st->offset_age_ns = now - best.mono;
   }
-  pthread_mutex_unlock(&c->mu);
+  pthread_mutex_unlock(&c->smu);
 }
 
 void em_client_reset_stats(em_client *c) {
-  pthread_mutex_lock(&c->mu);
+  pthread_mutex_lock(&c->smu);
   c->calls = 0;
   memset(c->hist, 0, sizeof c->hist);
-  pthread_mutex_unlock(&c->mu);
+  pthread_mutex_unlock(&c->smu);
 }
 
 uint64_t em_client_idle_ns(em_client *c) {
-  pthread_mutex_lock(&c->mu);
+  pthread_mutex_lock(&c->smu);
   uint64_t last = c->last_reply_mono, now = em_mono_ns();
-  pthread_mutex_unlock(&c->mu);
+  pthread_mutex_unlock(&c->smu);
   return now - last;
 }
 
@@ -370,6 +397,7 @@ void em_client_close(em_client *c) {
   if (c->pool) em__pool_release(c->pool);
   pthread_mutex_destroy(&c->wmu);
   pthread_mutex_destroy(&c->mu);
+  pthread_mutex_destroy(&c->smu);
   pthread_cond_destroy(&c->cv);
   free(c->hello);
   free((char *)c->opts.service);

@@ -127,6 +127,7 @@ static void em__handshake(em_server *s, em__conn *c, em_msg *m) {
   }
   em__conn_send(c, p, EM_MSG_HELLO, m->req_id, NULL);
   *em__conn_state(c) = s->token ? EM__CONN_AUTH : EM__CONN_READY;
+  if (!s->token) em__conn_open_up(c);
 }
 
 /* The client's AUTH: {"proof": HMAC(token, "edgeml-client-v1" || server
@@ -156,6 +157,7 @@ static void em__authenticate(em_server *s, em__conn *c, em_msg *m) {
   msgpack_pack_nil(&s->reply.pk);
   em__conn_send(c, &s->reply, EM_MSG_OK, m->req_id, NULL);
   *em__conn_state(c) = EM__CONN_READY;
+  em__conn_open_up(c);
 }
 
 static void em__sweep_one(void *ud, em__conn *c) {
