@@ -406,6 +406,7 @@ typedef struct em_server_stats {
   uint64_t requests;
   uint64_t errors_sent;
   uint64_t protocol_errors;
+  uint64_t auth_failures;   /* handshakes refused for a wrong or missing token */
   uint64_t subscribers;     /* open connections that subscribed */
   uint64_t publishes;       /* values published (the current version) */
   uint64_t publish_sends;   /* PUBLISH frames written */

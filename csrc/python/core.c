@@ -591,10 +591,10 @@ static PyObject *em__server_stats(PyObject *self, PyObject *unused) {
   if (!s->s) return PyDict_New();
   em_server_stats st;
   em_server_get_stats(s->s, &st);
-  return Py_BuildValue("{sKsKsKsKsKsKsKsK}", "connections_open", st.connections_open, "connections_total",
+  return Py_BuildValue("{sKsKsKsKsKsKsKsKsK}", "connections_open", st.connections_open, "connections_total",
                        st.connections_total, "requests", st.requests, "errors_sent", st.errors_sent,
-                       "protocol_errors", st.protocol_errors, "subscribers", st.subscribers, "publishes",
-                       st.publishes, "publish_sends", st.publish_sends);
+                       "protocol_errors", st.protocol_errors, "auth_failures", st.auth_failures, "subscribers",
+                       st.subscribers, "publishes", st.publishes, "publish_sends", st.publish_sends);
 }
 
 static void em__server_free(em__pyserver *s) {

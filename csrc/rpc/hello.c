@@ -102,7 +102,6 @@ int em__hello_dial(const char *host, uint16_t port, const char *service, const c
       info->epoch = (ep && ep->type == MSGPACK_OBJECT_POSITIVE_INTEGER) ? ep->via.u64 : 0;
       const msgpack_object *a = em_obj_get(&o, "auth");
       const msgpack_object *sn = a ? em_obj_get(a, "nonce") : NULL;
-      const msgpack_object *sp = a ? em_obj_get(a, "proof") : NULL;
       if (a && !token) {
         rc = EM_EHANDSHAKE;
         em__errf(errbuf, errbuf_len, "%s requires a token: pass token=... or set EDGEML_TOKEN", "the server");
@@ -112,19 +111,12 @@ int em__hello_dial(const char *host, uint16_t port, const char *service, const c
                  "this client has a token but %s asks for none, so it cannot prove it knows it; refusing "
                  "(give the server the same token, or this client token='')", "the server");
       } else if (a) {
-        uint8_t want[32];
-        bool ok = sn && sn->type == MSGPACK_OBJECT_BIN && sn->via.bin.size == EM__NONCE_BYTES && sp &&
-                  sp->type == MSGPACK_OBJECT_BIN && sp->via.bin.size == 32;
-        if (ok) {
+        if (sn && sn->type == MSGPACK_OBJECT_BIN && sn->via.bin.size == EM__NONCE_BYTES) {
           memcpy(nonces + EM__NONCE_BYTES, sn->via.bin.ptr, EM__NONCE_BYTES);
-          em__auth_proof(token, EM__AUTH_SERVER, nonces, nonces + EM__NONCE_BYTES, want);
-          ok = em_ct_equal(want, sp->via.bin.ptr, 32);
+          auth = true;
+        } else {
+          rc = EM_EPROTO;
         }
-        if (!ok) {
-          rc = EM_EHANDSHAKE;
-          em__errf(errbuf, errbuf_len, "authentication failed: %s does not know this client's token", "the server");
-        }
-        auth = ok;
       }
       if (!rc) {
         info->body = malloc(m->body_len ? m->body_len : 1);
@@ -136,7 +128,7 @@ int em__hello_dial(const char *host, uint16_t port, const char *service, const c
   }
   em_msg_free(m);
   m = NULL;
-  if (!rc && auth) { /* prove we know the token too, and wait for the verdict */
+  if (!rc && auth) { /* prove we know the token, then check the server's proof */
     uint8_t proof[32];
     em__auth_proof(token, EM__AUTH_CLIENT, nonces + EM__NONCE_BYTES, nonces, proof);
     em_payload_reset(&p);
@@ -145,8 +137,25 @@ int em__hello_dial(const char *host, uint16_t port, const char *service, const c
     msgpack_pack_bin_with_body(&p.pk, proof, sizeof proof);
     rc = em__send_small(fd, EM_MSG_AUTH, &p, deadline);
     if (!rc) rc = em__hello_read(fd, r, deadline, &m);
-    if (!rc && m->type == EM_MSG_ERROR) rc = em__hello_error(m, errbuf, errbuf_len, info);
-    else if (!rc && m->type != EM_MSG_OK) rc = EM_EPROTO;
+    if (!rc && m->type == EM_MSG_ERROR) {
+      rc = em__hello_error(m, errbuf, errbuf_len, info); /* its body replaces the HELLO's */
+    } else if (!rc && m->type != EM_MSG_OK) {
+      rc = EM_EPROTO;
+    } else if (!rc) {
+      msgpack_zone zone;
+      msgpack_zone_init(&zone, 256);
+      msgpack_object o;
+      const msgpack_object *sp = NULL;
+      if (em_msg_unpack(m, &zone, &o) == EM_OK && o.type == MSGPACK_OBJECT_MAP) sp = em_obj_get(&o, "proof");
+      uint8_t want[32];
+      em__auth_proof(token, EM__AUTH_SERVER, nonces, nonces + EM__NONCE_BYTES, want);
+      if (!sp || sp->type != MSGPACK_OBJECT_BIN || sp->via.bin.size != 32 || !em_ct_equal(want, sp->via.bin.ptr, 32)) {
+        rc = EM_EHANDSHAKE;
+        em__errf(errbuf, errbuf_len, "authentication failed: %s did not prove it knows the token (an impostor?)",
+                 "the server");
+      }
+      msgpack_zone_destroy(&zone);
+    }
     em_msg_free(m);
   }
   em_payload_destroy(&p);

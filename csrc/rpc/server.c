@@ -111,18 +111,13 @@ static void em__handshake(em_server *s, em__conn *c, em_msg *m) {
     em__pack_cstr(&p->pk, "info");
     msgpack_sbuffer_write(&p->sbuf, (const char *)s->hello_info, s->opts.hello_info_len);
   }
-  if (s->token) {
-    /* the challenge, and the server's own proof that it knows the token */
-    uint8_t proof[32];
-    em__auth_proof(s->token, EM__AUTH_SERVER, nonces + EM__NONCE_BYTES, nonces, proof);
+  if (s->token) { /* the challenge */
     em__pack_cstr(&p->pk, "auth");
-    msgpack_pack_map(&p->pk, 3);
+    msgpack_pack_map(&p->pk, 2);
     em__pack_cstr(&p->pk, "scheme");
     em__pack_cstr(&p->pk, "hmac-sha256");
     em__pack_cstr(&p->pk, "nonce");
     msgpack_pack_bin_with_body(&p->pk, nonces, EM__NONCE_BYTES);
-    em__pack_cstr(&p->pk, "proof");
-    msgpack_pack_bin_with_body(&p->pk, proof, sizeof proof);
     memcpy(em__conn_scratch(c), nonces, sizeof nonces);
   }
   em__conn_send(c, p, EM_MSG_HELLO, m->req_id, NULL);
@@ -131,7 +126,10 @@ static void em__handshake(em_server *s, em__conn *c, em_msg *m) {
 }
 
 /* The client's AUTH: {"proof": HMAC(token, "edgeml-client-v1" || server
- * nonce || client nonce)}. Nothing reaches a handler before it checks. */
+ * nonce || client nonce)}. Nothing reaches a handler before it checks. The
+ * OK carries the server's own proof, {"proof": HMAC(token,
+ * "edgeml-server-v1" || client nonce || server nonce)}, for the client to
+ * check in turn. */
 static void em__authenticate(em_server *s, em__conn *c, em_msg *m) {
   const char *why = NULL;
   msgpack_zone zone;
@@ -154,7 +152,12 @@ static void em__authenticate(em_server *s, em__conn *c, em_msg *m) {
     em__refuse(s, c, m->req_id, why);
     return;
   }
-  msgpack_pack_nil(&s->reply.pk);
+  uint8_t proof[32];
+  const uint8_t *n = em__conn_scratch(c);
+  em__auth_proof(s->token, EM__AUTH_SERVER, n + EM__NONCE_BYTES, n, proof);
+  msgpack_pack_map(&s->reply.pk, 1);
+  em__pack_cstr(&s->reply.pk, "proof");
+  msgpack_pack_bin_with_body(&s->reply.pk, proof, sizeof proof);
   em__conn_send(c, &s->reply, EM_MSG_OK, m->req_id, NULL);
   *em__conn_state(c) = EM__CONN_READY;
   em__conn_open_up(c);
@@ -393,6 +396,7 @@ void em_server_get_stats(const em_server *s, em_server_stats *st) {
   st->protocol_errors += atomic_load(&((em_server *)s)->n_bad_bodies);
   st->requests = atomic_load(&((em_server *)s)->n_requests);
   st->errors_sent = atomic_load(&((em_server *)s)->n_errors);
+  st->auth_failures = atomic_load(&((em_server *)s)->n_auth_failures);
   st->subscribers = em__listener_subscribers(s->l);
   st->publish_sends = atomic_load(&((em_server *)s)->n_pub_sends);
   pthread_mutex_lock(&((em_server *)s)->pub_mu);
