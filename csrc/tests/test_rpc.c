@@ -233,6 +233,19 @@ static void test_garbage_peer_does_not_hurt_others(void) {
   stop_server(s, th);
 }
 
+typedef struct {
+  uint16_t port;
+  em_server *s;
+  pthread_t th;
+} restart_arg;
+
+static void *restart_later(void *arg) {
+  restart_arg *a = arg;
+  sleep_ms(200);
+  a->s = start_server(a->port, &a->th);
+  return NULL;
+}
+
 static void test_stop_rebind_reconnect(void) {
   pthread_t th;
   em_server *s = start_server(0, &th);
@@ -255,7 +268,24 @@ static void test_stop_rebind_reconnect(void) {
   CHECK_EQ(call_int(c, "echo", 3, 2000000000ull, &v), EM_OK);
   CHECK_EQ(v, 3);
   em_client_close(c);
+  /* with a connect_timeout, a call made while the server restarts retries
+   * the refused connect with backoff and succeeds once it is back */
+  em_client_opts co = {.connect_timeout_ns = 5000000000ull};
+  CHECK_EQ(em_client_open(&c, "127.0.0.1", port, &co), EM_OK);
+  CHECK_EQ(call_int(c, "echo", 4, 2000000000ull, &v), EM_OK);
   stop_server(s, th);
+  rc = call_int(c, "echo", 5, 300000000ull, &v); /* notices the dead connection */
+  CHECK(rc == EM_ECONNCLOSED || rc == EM_ECONNREFUSED || rc == EM_ETIMEDOUT);
+  restart_arg ra = {.port = port};
+  pthread_t rt;
+  pthread_create(&rt, NULL, restart_later, &ra);
+  t0 = em_mono_ns();
+  CHECK_EQ(call_int(c, "echo", 6, 5000000000ull, &v), EM_OK);
+  CHECK_EQ(v, 6);
+  CHECK(em_mono_ns() - t0 >= 150000000ull); /* it did wait for the restart */
+  pthread_join(rt, NULL);
+  em_client_close(c);
+  stop_server(ra.s, ra.th);
 }
 
 static void test_open_errors(void) {
