@@ -45,27 +45,32 @@ int em_payload_begin_request(em_payload *p, const char *method, size_t method_le
   return EM_OK;
 }
 
-/* Item size of a numpy dtype.str, or 0 when it is not one edgeml carries. */
-static uint32_t em__dtype_itemsize(const char *d, size_t n) {
-  if (n < 3 || n > EM_DTYPE_MAX) return 0;
-  if (!strchr("<>|=", d[0])) return 0;
+/* Parse a numpy dtype.str: byte order (one of "<>|="), kind (one of
+ * "biufcmMSUV"), decimal item size (at most 2^24; 0 only for the flexible
+ * kinds S, U, V), and for m/M an optional unit in brackets. *itemsize gets
+ * the size in bytes (U counts 4 per character). -1 when it is not a dtype
+ * edgeml carries. No NUL may appear inside (d is n bytes). */
+static int em__dtype_parse(const char *d, size_t n, uint32_t *itemsize) {
+  if (n < 3 || n > EM_DTYPE_MAX || memchr(d, 0, n)) return -1;
+  if (!strchr("<>|=", d[0])) return -1;
   char kind = d[1];
-  if (!strchr("biufcmMSUV", kind)) return 0;
+  if (!strchr("biufcmMSUV", kind)) return -1;
   uint64_t size = 0;
   size_t i = 2;
   for (; i < n && d[i] >= '0' && d[i] <= '9'; i++) {
     size = size * 10 + (uint64_t)(d[i] - '0');
-    if (size > (1u << 24)) return 0;
+    if (size > (1u << 24)) return -1;
   }
-  if (i == 2) return 0;
+  if (i == 2) return -1;
   if (i < n) { /* datetime unit: [..] only for m/M */
-    if ((kind != 'm' && kind != 'M') || d[i] != '[' || d[n - 1] != ']') return 0;
+    if ((kind != 'm' && kind != 'M') || d[i] != '[' || d[n - 1] != ']' || n - i < 3) return -1;
     for (size_t j = i + 1; j < n - 1; j++)
-      if (!((d[j] >= 'a' && d[j] <= 'z') || (d[j] >= 'A' && d[j] <= 'Z') || (d[j] >= '0' && d[j] <= '9'))) return 0;
+      if (!((d[j] >= 'a' && d[j] <= 'z') || (d[j] >= 'A' && d[j] <= 'Z') || (d[j] >= '0' && d[j] <= '9'))) return -1;
   }
   if (kind == 'U') size *= 4;
-  if (size == 0 && kind != 'S' && kind != 'U' && kind != 'V') return 0;
-  return (uint32_t)size;
+  if (size == 0 && kind != 'S' && kind != 'U' && kind != 'V') return -1;
+  *itemsize = (uint32_t)size;
+  return 0;
 }
 
 /* Array ext layout (little-endian):
@@ -74,8 +79,8 @@ static uint32_t em__dtype_itemsize(const char *d, size_t n) {
 int em_payload_pack_array(em_payload *p, const char *dtype, uint32_t ndim, const uint64_t *shape,
                           const void *data, size_t len_bytes, int is_scalar) {
   size_t dl = strlen(dtype);
-  uint32_t itemsize = em__dtype_itemsize(dtype, dl);
-  if (!itemsize && !(dl >= 3 && strchr("SUV", dtype[1]))) return EM_EINVAL;
+  uint32_t itemsize = 0;
+  if (em__dtype_parse(dtype, dl, &itemsize)) return EM_EINVAL;
   if (ndim > EM_ARRAY_MAX_NDIM) return EM_EINVAL;
   uint64_t count = 1;
   for (uint32_t i = 0; i < ndim; i++) {
@@ -174,8 +179,7 @@ int em__array_parse(const em_msg *m, const uint8_t *d, size_t len, em_array *a, 
   if (a->ndim > EM_ARRAY_MAX_NDIM || dl > EM_DTYPE_MAX || len != 7 + dl + 8ull * a->ndim) goto bad;
   memcpy(a->dtype, d + 7, dl);
   a->dtype[dl] = 0;
-  a->itemsize = em__dtype_itemsize(a->dtype, dl);
-  if (!a->itemsize && !(dl >= 3 && strchr("SUV", a->dtype[1]) && strchr("<>|=", a->dtype[0]))) {
+  if (em__dtype_parse(a->dtype, dl, &a->itemsize)) {
     *why = "array with an unsupported dtype";
     return EM_EDECODE;
   }
@@ -313,7 +317,7 @@ const msgpack_object *em_obj_get(const msgpack_object *o, const char *key) {
   size_t kl = strlen(key);
   for (uint32_t i = 0; i < o->via.map.size; i++) {
     const msgpack_object *k = &o->via.map.ptr[i].key;
-    if (k->type == MSGPACK_OBJECT_STR && k->via.str.size == kl && memcmp(k->via.str.ptr, key, kl) == 0)
+    if (k->type == MSGPACK_OBJECT_STR && k->via.str.size == kl && (kl == 0 || memcmp(k->via.str.ptr, key, kl) == 0))
       return &o->via.map.ptr[i].val;
   }
   return NULL;
