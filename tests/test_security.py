@@ -17,6 +17,16 @@ pytestmark = pytest.mark.timeout(60)
 TOKEN = "s3cret-token-0123456789abcdef"
 
 
+def recv_until_closed(sock: socket.socket) -> bytes:
+    """Everything the server sends before it closes the connection."""
+    data = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+
+
 def test_token_round_trip_and_wrong_or_missing_token(make_server, make_client):
     calls = []
     s = make_server({"echo": lambda p: calls.append(p) or p}, token=TOKEN)
@@ -62,12 +72,7 @@ def test_token_is_never_on_the_wire(make_server):
     assert auth == {"scheme": "hmac-sha256", "nonce": auth["nonce"]} and len(auth["nonce"]) == 16
     # a made-up proof is refused with a reason, and the connection closed
     sock.sendall(edgeml.encode_frame({"proof": b"\x00" * 32}, _core.MSG_AUTH))
-    data = b""
-    while True:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        data += chunk
+    data = recv_until_closed(sock)
     err = edgeml.decode_frame(data)
     assert err["type"] == _core.MSG_ERROR and "wrong token" in err["payload"]["message"]
     sock.close()
@@ -79,12 +84,7 @@ def test_request_before_auth_closes_the_connection(make_server):
     sock = socket.create_connection(("127.0.0.1", s.port), timeout=scaled(5))
     sock.sendall(edgeml.encode_frame({"proto": 1, "role": "client", "nonce": b"\x02" * 16}, _core.MSG_HELLO))
     sock.sendall(edgeml.encode_frame(["echo", 1], _core.MSG_REQUEST))
-    data = b""
-    while True:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        data += chunk
+    data = recv_until_closed(sock)
     hello_len = struct.unpack_from("<Q", data, 24)[0]
     err = edgeml.decode_frame(data[hello_len:])
     assert "without authenticating" in err["payload"]["message"]
