@@ -29,6 +29,24 @@ if [ "$(id -u)" = 0 ] && { ! command -v ip >/dev/null || ! command -v tc >/dev/n
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 >/dev/null
 fi
 
+# clang with libFuzzer for the fuzz targets (csrc/fuzz, tests/test_fuzz.py);
+# without it those tests are skipped, saying why
+if [ "$(id -u)" = 0 ] && ! bash csrc/fuzz/build.sh --check >/dev/null 2>&1; then
+  apt-get update -qq
+  clang_pkgs=""
+  if apt-cache show clang-14 >/dev/null 2>&1 && apt-cache show libclang-rt-14-dev >/dev/null 2>&1; then
+    clang_pkgs="clang-14 libclang-rt-14-dev"
+  elif apt-cache show clang >/dev/null 2>&1 && apt-cache show libclang-rt-dev >/dev/null 2>&1; then
+    clang_pkgs="clang libclang-rt-dev"
+  fi
+  if [ -n "$clang_pkgs" ]; then
+    echo "== installing $clang_pkgs (libFuzzer)"
+    # shellcheck disable=SC2086
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $clang_pkgs >/dev/null ||
+      echo "== could not install $clang_pkgs; the fuzz tests will be skipped" >&2
+  fi
+fi
+
 PY=${PYTHON:-python3}
 if ! "$PY" -m pip --version >/dev/null 2>&1; then
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pip python3-venv >/dev/null

@@ -8,7 +8,9 @@
 #   csrc/fuzz/build.sh --check       exit 0 if clang with libFuzzer works here,
 #                                    else print why and exit 77
 #
-# CLANG=... picks the compiler (default: clang-14, else clang).
+# CLANG=... picks the compiler (default: clang-14, else clang); EXTRA_CFLAGS
+# adds flags, e.g. a coverage build (README.md, "Coverage"):
+#   EXTRA_CFLAGS="-fprofile-instr-generate -fcoverage-mapping" csrc/fuzz/build.sh /tmp/fuzz-cov
 set -euo pipefail
 FUZZ_DIR=$(cd "$(dirname "$0")" && pwd)
 CSRC=$(dirname "$FUZZ_DIR")
@@ -23,6 +25,10 @@ fi
 check() {
   if [ -z "$CLANG" ]; then
     echo "no clang-14 or clang on PATH (apt-get install clang-14 libclang-rt-14-dev)"
+    return 77
+  fi
+  if ! command -v "$CLANG" >/dev/null 2>&1; then
+    echo "CLANG=$CLANG is not on PATH"
     return 77
   fi
   local tmp
@@ -54,6 +60,8 @@ CFLAGS=(-std=c11 -D_GNU_SOURCE -g -O1 -fno-omit-frame-pointer
         -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
         -Wall -Wextra -Wno-unused-parameter
         -I"$CSRC/include")
+# shellcheck disable=SC2206
+CFLAGS+=(${EXTRA_CFLAGS:-})
 LIB_SRCS=("$CSRC"/base/*.c "$CSRC"/wire/*.c)
 
 for target in fuzz_frame fuzz_payload; do

@@ -12,19 +12,14 @@
  *      consistent: blob in range, data == that blob, itemsize x product of
  *      the shape == blob length (checked in 128-bit), a scalar has ndim 0,
  *      dtype == the ext's dtype bytes; em_obj_get is tried on every map;
+ *      The dtype of an accepted array must also be one docs/protocol.md
+ *      allows: [<>|=][biufcmMSUV]<digits>([unit] for m/M only), and
+ *      em_array.itemsize must be the item size the string names;
  *   4. round trip: the tree is packed again with em_payload_* (arrays via
  *      em_payload_pack_array), framed with em__payload_frame, read back with
  *      an em__reader and compared with the original (arrays by content).
  * Any violation calls abort(), which libFuzzer reports as a crash; ASan,
  * UBSan (no recovery) and LeakSanitizer catch the rest.
- *
- * EM_FUZZ_STRICT=1 in the environment adds the checks that known, open
- * findings fail (README.md, "Findings"; reported, not fixed here, and each
- * would stop every default run within seconds):
- *  - spec conformance from docs/protocol.md: an accepted array's dtype must
- *    match [<>|=][biufcmMSUV]<digits>([unit] for m/M only) and
- *    em_array.itemsize must equal the item size the string names;
- *  - em_obj_get(map, "") on a map with an empty key (UBSan: memcmp(NULL)).
  */
 #ifndef EM_FUZZ_COMMON_H
 #define EM_FUZZ_COMMON_H
@@ -47,15 +42,6 @@
 
 #define FUZZ_MAX_WALK_DEPTH 64     /* > EM__MAX_DEPTH: the body check bounds it */
 #define FUZZ_ROUNDTRIP_BLOB_BYTES (8u << 20)
-
-static int fuzz_strict(void) {
-  static int v = -1;
-  if (v < 0) {
-    const char *e = getenv("EM_FUZZ_STRICT");
-    v = e && *e && *e != '0';
-  }
-  return v;
-}
 
 /* Reference reading of a dtype string, straight from docs/protocol.md:
  * byte order [<>|=], kind [biufcmMSUV], item size (decimal digits),
@@ -118,10 +104,9 @@ static void fuzz_check_msg_layout(const em_msg *m) {
 
 /* ----------------------------------------------------------------- arrays */
 
-/* Checks an array em_obj_array accepted against the ext bytes it came from.
- * Returns 1 when it also passes the reference dtype reading (the round trip
- * is only checked for those: see EM_FUZZ_STRICT above). */
-static int fuzz_check_array(const em_msg *m, const msgpack_object *o, const em_array *a) {
+/* Checks an array em_obj_array accepted against the ext bytes it came from
+ * and the reference reading of its dtype. */
+static void fuzz_check_array(const em_msg *m, const msgpack_object *o, const em_array *a) {
   const uint8_t *d = (const uint8_t *)o->via.ext.ptr;
   size_t len = o->via.ext.size;
   FUZZ_CHECK(len >= 7, "accepted a %zu-byte array ext", len);
@@ -145,20 +130,19 @@ static int fuzz_check_array(const em_msg *m, const msgpack_object *o, const em_a
              (unsigned long long)total, total > UINT64_MAX ? " (overflowed)" : "", a->len_bytes);
   uint64_t ref_itemsize = 0;
   int ref_ok = fuzz_ref_dtype(d + 7, dl, &ref_itemsize);
-  if (fuzz_strict()) {
-    FUZZ_CHECK(ref_ok, "accepted dtype %.*s (len %zu, %s) is not [<>|=][biufcmMSUV]<digits>[unit]", (int)dl,
-               a->dtype, dl, memchr(d + 7, 0, dl) ? "has NUL bytes" : "no NUL");
-    FUZZ_CHECK(ref_itemsize == a->itemsize, "dtype %s: itemsize %u, the string says %llu", a->dtype, a->itemsize,
-               (unsigned long long)ref_itemsize);
-  }
-  return ref_ok && ref_itemsize == a->itemsize;
+  char shown[4 * EM_DTYPE_MAX + 1], *q = shown; /* the dtype bytes, escaped */
+  *q = 0;
+  for (size_t i = 0; i < dl; i++)
+    q += d[7 + i] >= 0x20 && d[7 + i] < 0x7f ? sprintf(q, "%c", d[7 + i]) : sprintf(q, "\\x%02x", d[7 + i]);
+  FUZZ_CHECK(ref_ok, "accepted dtype \"%s\" (%zu bytes) is not [<>|=][biufcmMSUV]<digits>([unit])", shown, dl);
+  FUZZ_CHECK(ref_itemsize == a->itemsize, "dtype \"%s\": em_array.itemsize %u, the string says %llu", shown,
+             a->itemsize, (unsigned long long)ref_itemsize);
 }
 
 typedef struct fuzz_walk {
   const em_msg *m;
   size_t narrays;
   uint64_t array_bytes; /* sum over array exts (a blob may be named twice) */
-  int all_ref_ok;       /* every accepted dtype passes fuzz_ref_dtype */
 } fuzz_walk;
 
 static void fuzz_walk_obj(fuzz_walk *w, const msgpack_object *o, int depth) {
@@ -167,7 +151,7 @@ static void fuzz_walk_obj(fuzz_walk *w, const msgpack_object *o, int depth) {
   int rc = em_obj_array(w->m, o, &a);
   if (o->type == MSGPACK_OBJECT_EXT && o->via.ext.type == EM_EXT_ARRAY) {
     FUZZ_CHECK(rc == EM_OK, "em_obj_array = %d on an array ext of a body em__body_check accepted", rc);
-    if (!fuzz_check_array(w->m, o, &a)) w->all_ref_ok = 0;
+    fuzz_check_array(w->m, o, &a);
     w->narrays++;
     w->array_bytes += a.len_bytes;
     return;
@@ -179,11 +163,9 @@ static void fuzz_walk_obj(fuzz_walk *w, const msgpack_object *o, int depth) {
     FUZZ_CHECK(em_obj_get(o, "\x01no such key\x02") == NULL, "em_obj_get found a key that is not there");
     for (uint32_t i = 0; i < o->via.map.size; i++) {
       const msgpack_object_kv *kv = &o->via.map.ptr[i];
-      /* msgpack-c gives an empty str a NULL ptr; em_obj_get(o, "") then
-       * calls memcmp(NULL, "", 0), undefined behaviour (payload.c, see
-       * README.md): only looked up in strict mode. */
+      /* msgpack-c gives an empty str a NULL ptr: "" is looked up too */
       size_t ks = kv->key.type == MSGPACK_OBJECT_STR ? kv->key.via.str.size : 64;
-      if (ks < 64 && (ks ? !memchr(kv->key.via.str.ptr, 0, ks) : fuzz_strict())) {
+      if (ks < 64 && (!ks || !memchr(kv->key.via.str.ptr, 0, ks))) {
         char key[64];
         if (ks) memcpy(key, kv->key.via.str.ptr, ks);
         key[ks] = 0;
@@ -341,9 +323,9 @@ static void fuzz_msg(const em_msg *m) {
   int rc = em_msg_unpack(m, &z, &o);
   FUZZ_CHECK(rc == check, "em_msg_unpack = %d but em__body_check = %d (%s)", rc, check, why ? why : "");
   if (rc == EM_OK) {
-    fuzz_walk w = {m, 0, 0, 1};
+    fuzz_walk w = {m, 0, 0};
     fuzz_walk_obj(&w, &o, 0);
-    if (w.all_ref_ok && w.narrays < EM__MAX_BLOBS && w.array_bytes <= FUZZ_ROUNDTRIP_BLOB_BYTES)
+    if (w.narrays < EM__MAX_BLOBS && w.array_bytes <= FUZZ_ROUNDTRIP_BLOB_BYTES)
       fuzz_roundtrip(m, &o);
   }
   msgpack_zone_destroy(&z);

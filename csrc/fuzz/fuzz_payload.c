@@ -22,11 +22,10 @@
  *
  * Build (ASan + UBSan + libFuzzer, clang-14):  csrc/fuzz/build.sh [builddir]
  * Run (from the repository root, default builddir csrc/build-fuzz):
- *   short:   csrc/build-fuzz/fuzz_payload -max_total_time=60 -timeout=10 -rss_limit_mb=2048 \
- *              -artifact_prefix=/tmp/ /tmp/corpus_payload csrc/fuzz/corpus_payload
+ *   short:   mkdir -p /tmp/corpus_payload && csrc/build-fuzz/fuzz_payload -max_total_time=60 -timeout=10 \
+ *              -rss_limit_mb=2048 -artifact_prefix=/tmp/ /tmp/corpus_payload csrc/fuzz/corpus_payload
  *   long:    mkdir -p /tmp/cp && csrc/build-fuzz/fuzz_payload -max_total_time=600 -jobs=1 -timeout=10 \
  *              -rss_limit_mb=2048 -print_final_stats=1 -artifact_prefix=/tmp/ /tmp/cp csrc/fuzz/corpus_payload
- *   strict:  EM_FUZZ_STRICT=1 csrc/build-fuzz/fuzz_payload ...   (dtype spec checks, see fuzz_common.h)
  *   one input (regression): csrc/build-fuzz/fuzz_payload csrc/fuzz/regressions/fuzz_payload/NAME
  * See csrc/fuzz/README.md.
  */

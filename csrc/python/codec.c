@@ -351,6 +351,30 @@ static PyObject *em__dec_fail(const char *why) {
   return NULL;
 }
 
+/* A DecodeError for what the peer sent, in place of the pending exception
+ * `kind` (e.g. UnicodeDecodeError), which becomes its __cause__. Any other
+ * pending exception (MemoryError) is left as it is. */
+static PyObject *em__dec_fail_from(PyObject *kind, const char *why) {
+  if (!PyErr_ExceptionMatches(kind)) return NULL;
+  PyObject *t, *v, *tb;
+  PyErr_Fetch(&t, &v, &tb);
+  PyErr_NormalizeException(&t, &v, &tb);
+  PyErr_Format(em_py.decode_error, "cannot decode the message body: %s", why);
+  PyObject *t2, *v2, *tb2;
+  PyErr_Fetch(&t2, &v2, &tb2);
+  PyErr_NormalizeException(&t2, &v2, &tb2);
+  if (v2 && v) {
+    Py_INCREF(v);
+    PyException_SetCause(v2, v);
+    PyException_SetContext(v2, v);
+  }
+  PyErr_Restore(t2, v2, tb2);
+  Py_XDECREF(t);
+  Py_XDECREF(v);
+  Py_XDECREF(tb);
+  return NULL;
+}
+
 /* Received arrays are built here with one call to numpy.ndarray(shape,
  * dtype=, buffer=, offset=); the dtype object for a wire string comes from a
  * small cache filled the first time numpy parses that string (in
@@ -413,7 +437,7 @@ static PyObject *em__dec_value(em__dec *d, const msgpack_object *o) {
     case MSGPACK_OBJECT_FLOAT64: return PyFloat_FromDouble(o->via.f64);
     case MSGPACK_OBJECT_STR: {
       PyObject *s = PyUnicode_DecodeUTF8(o->via.str.ptr, o->via.str.size, NULL);
-      return s ? s : em__dec_fail("string is not valid UTF-8");
+      return s ? s : em__dec_fail_from(PyExc_UnicodeDecodeError, "string is not valid UTF-8");
     }
     case MSGPACK_OBJECT_BIN: return PyBytes_FromStringAndSize(o->via.bin.ptr, o->via.bin.size);
     case MSGPACK_OBJECT_ARRAY: {
@@ -440,7 +464,7 @@ static PyObject *em__dec_value(em__dec *d, const msgpack_object *o) {
       if (tag == EM_EXT_SET_TAG) {
         PyObject *set = PySet_New(seq);
         Py_DECREF(seq);
-        return set ? set : em__dec_fail("set element is not hashable");
+        return set ? set : em__dec_fail_from(PyExc_TypeError, "set element is not hashable");
       }
       return seq;
     }
@@ -491,6 +515,8 @@ static PyObject *em__dec_value(em__dec *d, const msgpack_object *o) {
         r = PyObject_CallFunction(em_py.make_array, "OnsOi", d->bufobj, off, a.dtype, shape, a.is_scalar);
         if (r && !a.is_scalar) em__dtype_remember(a.dtype, r);
       }
+      if (!r && PyErr_ExceptionMatches(PyExc_ValueError)) /* numpy refused the shape or dtype */
+        em__dec_fail_from(PyExc_ValueError, "numpy cannot make this array (shape or dtype out of range)");
       Py_DECREF(shape);
       return r;
     }

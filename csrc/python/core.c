@@ -852,7 +852,11 @@ static PyObject *em__decode_frame(PyObject *m, PyObject *args) {
     em__reader_commit(&r, n);
     rc = em__reader_next(&r, &msg, &why);
   }
-  if (rc == 1) {
+  if (rc == 1 && msg->frame_bytes != (size_t)b.len) {
+    em_py_raise(EM_EPROTO, "bad frame: %zd bytes after the frame (decode_frame takes exactly one frame)",
+                b.len - (Py_ssize_t)msg->frame_bytes);
+    em_msg_free(msg);
+  } else if (rc == 1) {
     PyObject *v = em_py_decode(msg, NULL);
     if (v)
       out = Py_BuildValue("{sisKsNsn}", "type", msg->type, "req_id", (unsigned long long)msg->req_id,
@@ -871,7 +875,7 @@ static PyMethodDef em__module_methods[] = {
     {"error_table", em__error_table, METH_NOARGS, "[(name, code, message)] of the C error table"},
     {"configure", (PyCFunction)(void (*)(void))em__configure, METH_VARARGS | METH_KEYWORDS, "set codec hooks"},
     {"encode_frame", em__encode_frame, METH_VARARGS, "encode_frame(obj, type=REPLY, req_id=0) -> bytes"},
-    {"decode_frame", em__decode_frame, METH_VARARGS, "decode_frame(bytes, max_bytes) -> dict"},
+    {"decode_frame", em__decode_frame, METH_VARARGS, "decode_frame(bytes, max_bytes) -> dict; exactly one frame"},
     {NULL}};
 
 static struct PyModuleDef em__module = {PyModuleDef_HEAD_INIT, "edgeml._core", "libedgeml bindings (private)", -1,

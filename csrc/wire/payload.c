@@ -183,12 +183,22 @@ int em__array_parse(const em_msg *m, const uint8_t *d, size_t len, em_array *a, 
     *why = "array with an unsupported dtype";
     return EM_EDECODE;
   }
-  uint64_t count = 1;
+  uint64_t count = 1, nonzero = 1; /* nonzero: the product of the non-zero dimensions */
   bool overflow = false;
   for (uint32_t i = 0; i < a->ndim; i++) {
     a->shape[i] = em__get_u64(d + 7 + dl + 8 * i);
-    if (a->shape[i] && count > UINT64_MAX / a->shape[i]) overflow = true;
-    else count *= a->shape[i];
+    uint64_t s = a->shape[i];
+    if (s > (uint64_t)INT64_MAX || (s && nonzero > (uint64_t)INT64_MAX / s)) {
+      *why = "array shape out of range (a dimension or their product exceeds 2^63 - 1)";
+      return EM_EDECODE;
+    }
+    if (s) nonzero *= s;
+    if (s && count > UINT64_MAX / s) overflow = true;
+    else count *= s;
+  }
+  if (a->itemsize && nonzero > (uint64_t)INT64_MAX / a->itemsize) {
+    *why = "array shape out of range (a dimension or their product exceeds 2^63 - 1)";
+    return EM_EDECODE;
   }
   if (a->is_scalar && (a->ndim != 0)) goto bad;
   if (a->blob >= m->nblobs) {
