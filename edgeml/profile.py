@@ -18,11 +18,14 @@ wire's stages.
 """
 from __future__ import annotations
 
+import base64
 import contextlib
 import csv
 import functools
+import html
 import importlib
 import importlib.util
+import io
 import json
 import math
 import os
@@ -31,13 +34,16 @@ import socket
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional
 
 import numpy as np
 
 from . import errors
 from .inference import InferenceClient, InferenceServer
 from .timing import BASIS_ESTIMATED, BASIS_SYNCHRONIZED
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 INTERFACE = "profile.infer"
 INFO = "profile.info"
@@ -256,40 +262,64 @@ def _summary(values: List[float]) -> Dict[str, float]:
             "min": v[0], "max": v[-1]}
 
 
+def _in_notebook() -> bool:
+    """Whether this runs in a Jupyter kernel (its stderr is no terminal, but
+    a progress bar is wanted there)."""
+    ipython = sys.modules.get("IPython")
+    try:
+        shell = ipython.get_ipython() if ipython is not None else None
+    except Exception:  # pragma: no cover - a broken IPython
+        return False
+    return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
+
+
 class Progress:
-    """A progress bar on stderr: redrawn in place on a terminal, a line per
-    10% otherwise (logs, CI)."""
+    """Progress of a run: a tqdm bar on a terminal and in a notebook
+    (``tqdm.auto``: a widget there where ipywidgets is installed), a line per
+    10% otherwise (logs, CI) and where tqdm is not installed."""
 
     def __init__(self, total: int, label: str, stream=None, enabled: bool = True):
         self.total, self.label = max(1, total), label
         self.stream = stream or sys.stderr
         self.enabled = enabled
-        self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.t0 = time.monotonic()
-        self._last_draw = 0.0
         self._last_decile = -1
+        self._done = 0
+        self.bar = None
+        notebook = enabled and stream is None and _in_notebook()
+        tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
+        if notebook or tty:
+            try:
+                if notebook:
+                    from tqdm.auto import tqdm
+                else:
+                    from tqdm import tqdm
+            except ImportError:
+                tqdm = None
+            if tqdm is not None:
+                kw = {} if notebook else {"file": self.stream}
+                self.bar = tqdm(total=self.total, desc=label, unit="call", mininterval=0.1, dynamic_ncols=True,
+                                **kw)
 
     def update(self, done: int, note: str = "") -> None:
         if not self.enabled:
             return
-        now = time.monotonic()
+        if self.bar is not None:
+            self.bar.update(done - self._done)
+            self._done = done
+            if note:
+                self.bar.set_postfix_str(note, refresh=False)
+            return
         frac = min(1.0, done / self.total)
-        eta = (now - self.t0) / frac * (1 - frac) if frac > 0 else float("nan")
-        if self.tty:
-            if now - self._last_draw < 0.1 and done < self.total:
-                return
-            self._last_draw = now
-            bar = "#" * int(frac * 30)
-            self.stream.write(f"\r{self.label} [{bar:<30}] {done}/{self.total} {note} eta {eta:4.1f}s ")
-            if done >= self.total:
-                self.stream.write("\n")
-        else:
-            decile = int(frac * 10)
-            if decile == self._last_decile:
-                return
-            self._last_decile = decile
-            self.stream.write(f"{self.label}: {done}/{self.total} ({frac:.0%}) {note}\n")
+        decile = int(frac * 10)
+        if decile == self._last_decile:
+            return
+        self._last_decile = decile
+        self.stream.write(f"{self.label}: {done}/{self.total} ({frac:.0%}) {note}\n")
         self.stream.flush()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 class ProfileResult:
@@ -385,15 +415,23 @@ class ProfileResult:
         return paths
 
     def _plots(self, out_dir: str) -> Dict[str, str]:
-        try:
-            import matplotlib
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError as e:
-            raise RuntimeError("PNG plots need matplotlib: pip install 'edgeml[profile]' "
-                               "(or pass plots=False / --no-plots)") from e
         paths = {}
-        fig, ax = plt.subplots(figsize=(9, 5.5))
+        for name, fig in self.figures().items():
+            paths[f"{name}_png"] = os.path.join(out_dir, f"{name}.png")
+            fig.savefig(paths[f"{name}_png"], dpi=110)
+        return paths
+
+    def figures(self) -> Dict[str, "Figure"]:
+        """The two plots as matplotlib figures: ``"stages"`` (a CDF per
+        stage) and ``"timeline"`` (each call's time, stage by stage). They
+        are drawn without pyplot, so the backend you chose is left alone,
+        and each shows inline when it is a notebook cell's value."""
+        return {"stages": self.stages_figure(), "timeline": self.timeline_figure()}
+
+    def stages_figure(self) -> "Figure":
+        """The CDF of every stage's time, log scale."""
+        fig = _figure(figsize=(9, 5.5))
+        ax = fig.add_subplot()
         for name in self.stages:
             v = np.sort(np.asarray(self.values(name), dtype=float))
             v = v[v > 0]
@@ -409,12 +447,13 @@ class ProfileResult:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
         fig.tight_layout()
-        paths["stages_png"] = os.path.join(out_dir, "stages.png")
-        fig.savefig(paths["stages_png"], dpi=110)
-        plt.close(fig)
+        return fig
 
+    def timeline_figure(self) -> "Figure":
+        """Each call's time as a stacked bar, stage by stage."""
         ok = self.ok_samples
-        fig, ax = plt.subplots(figsize=(10, 5))
+        fig = _figure(figsize=(10, 5))
+        ax = fig.add_subplot()
         x = np.array([s["i"] for s in ok])
         bottom = np.zeros(len(ok))
         seq = [n for n in self.stages if n not in ("rtt", "total", "handler")]
@@ -433,10 +472,81 @@ class ProfileResult:
         ax.set_title("edgeml profile: where each call's time went", fontsize=10)
         ax.legend(fontsize=8, ncol=2, loc="upper right")
         fig.tight_layout()
-        paths["timeline_png"] = os.path.join(out_dir, "timeline.png")
-        fig.savefig(paths["timeline_png"], dpi=110)
-        plt.close(fig)
-        return paths
+        return fig
+
+    def _repr_html_(self) -> str:
+        """A notebook shows a run as its stage table and the stage CDFs."""
+        s = self.summary()
+        esc = html.escape
+        head = "".join(f"<th>{h}</th>" for h in ("stage", "p50 ms", "p90 ms", "p99 ms", "max ms", "mean ms",
+                                                 "count"))
+        rows = []
+        for name, st in s["stages_ms"].items():
+            if not st.get("count"):
+                continue
+            bold = name in ("rtt", "total")
+            cells = "".join(f"<td>{st[k]:.3f}</td>" for k in ("p50", "p90", "p99", "max", "mean"))
+            label = f"<b>{esc(name)}</b>" if bold else esc(name)
+            rows.append(f"<tr><td style='text-align:left'>{label}</td>{cells}<td>{st['count']}</td></tr>")
+        notes = []
+        up, down = s["bytes_up"], s["bytes_down"]
+        if up.get("count"):
+            notes.append(f"bytes up p50 {up['p50']:,.0f}, down p50 {down['p50']:,.0f} (frames on the wire)")
+        notes.append(f"upload/download: {esc(str(s['one_way_basis']))}")
+        rate = s.get("achieved_rate_hz")
+        notes.append(f"{s['samples']} samples, {s['errors']} errors"
+                     + (f", {rate:.1f} calls/s" if rate else ""))
+        title = esc(f"edgeml profile: {self.meta.get('sensor', '?')} → {self.meta.get('host', '?')}:"
+                    f"{self.meta.get('port', '?')}")
+        out = [f"<div><b>{title}</b>", f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}"
+               "</tbody></table>", "<br>".join(notes)]
+        if self.ok_samples:
+            try:
+                png = _png(self.stages_figure(), dpi=80)
+            except RuntimeError:  # no matplotlib: the table alone
+                png = None
+            if png is not None:
+                out.append(f"<br><img src='data:image/png;base64,{base64.b64encode(png).decode()}' "
+                           "alt='stage CDFs'>")
+        out.append("</div>")
+        return "\n".join(out)
+
+    def __repr__(self) -> str:
+        return (f"<ProfileResult {len(self.samples)} samples, {self.summary()['errors']} errors; "
+                f".table(), .figures(), .write(dir)>")
+
+
+def _figure(**kw) -> "Figure":
+    """A matplotlib figure on its own Agg canvas: never through pyplot, so
+    the user's backend and pyplot's figure list stay as they were."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise RuntimeError("plots need matplotlib: pip install matplotlib (or, from the edgeml checkout, "
+                           "pip install -e \".[profile]\"), or pass plots=False / --no-plots") from e
+
+    global _InlineFigure
+    if _InlineFigure is None:
+        class InlineFigure(Figure):
+            """A Figure that a notebook shows inline as a PNG."""
+
+            def _repr_png_(self) -> bytes:
+                return _png(self)
+
+        _InlineFigure = InlineFigure
+    fig = _InlineFigure(**kw)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+_InlineFigure: Any = None
+
+
+def _png(fig, dpi: int = 100) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
 
 
 def run(host: str, port: int, sensor: Any = "random_image:224x224x3", iterations: int = 100, warmup: int = 10,
@@ -456,6 +566,7 @@ def run(host: str, port: int, sensor: Any = "random_image:224x224x3", iterations
     own = client is None
     if own:
         client = InferenceClient(host, port, timeout=timeout, clocks_synchronized=clocks_synchronized)
+    bar = None
     try:
         try:
             server_info = client.call(INFO, None)
@@ -512,5 +623,7 @@ def run(host: str, port: int, sensor: Any = "random_image:224x224x3", iterations
         }
         return ProfileResult(samples, meta)
     finally:
+        if bar is not None:
+            bar.close()
         if own:
             client.close()

@@ -28,6 +28,7 @@ trip and the server's own stages need no such assumption.
 """
 from __future__ import annotations
 
+import html
 import threading
 import time
 import weakref
@@ -91,7 +92,34 @@ class CallTiming:
                    offset_error_ms=err / 1e6, synchronized=bool(sync), t_ns=tuple(ts))
 
 
-def stats_from_core(raw: dict) -> dict:
+class Stats(dict):
+    """``client.stats()``: a plain dict (``stats["stages"]["rtt_ms"]["p50"]``)
+    that a notebook shows as a table of the stages and the clock estimate."""
+
+    def _repr_html_(self) -> str:
+        esc = html.escape
+        cols = ("count", "p50", "p90", "p99", "min", "max", "mean")
+        head = "".join(f"<th>{c}</th>" for c in ("stage",) + cols)
+        rows = []
+        for name, st in self.get("stages", {}).items():
+            if not st.get("count"):
+                continue
+            byte = name in BYTE_STAGES
+            cells = "".join(f"<td>{st[c]:,.0f}</td>" if byte or c == "count" else f"<td>{st[c]:.3f}</td>"
+                            for c in cols)
+            label = name.replace("_", " ") if byte else f"{name[:-3]} (ms)"
+            rows.append(f"<tr><td style='text-align:left'>{esc(label)}</td>{cells}</tr>")
+        clock = self.get("clock", {})
+        age = clock.get("age_s")
+        note = (f"clock offset {clock.get('offset_ms', 0.0):.3f} ± {clock.get('error_ms', 0.0):.3f} ms "
+                f"({clock.get('samples', 0)} samples" + (f", {age:.1f} s old" if age is not None else "") + "); "
+                f"upload/download: {esc(str(clock.get('basis', '')))}")
+        body = "".join(rows) or f"<tr><td colspan='{len(cols) + 1}'>no calls yet</td></tr>"
+        return (f"<div><b>edgeml client stats: {self.get('calls', 0)} calls</b>"
+                f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{note}</div>")
+
+
+def stats_from_core(raw: dict) -> "Stats":
     """``client.stats()``: per stage count/mean/p50/p90/p99/min/max (ms, or
     bytes for bytes_up/bytes_down) and the clock estimate."""
     stages: Dict[str, dict] = {}
@@ -101,7 +129,7 @@ def stats_from_core(raw: dict) -> dict:
         stages[key] = {"count": count, "mean": mean * scale, "p50": p50 * scale, "p90": p90 * scale,
                        "p99": p99 * scale, "min": lo * scale, "max": hi * scale}
     sync = raw["synchronized"]
-    return {
+    return Stats({
         "calls": raw["calls"],
         "stages": stages,
         "clock": {
@@ -111,7 +139,7 @@ def stats_from_core(raw: dict) -> dict:
             "age_s": raw["offset_age_ns"] / 1e9 if raw["offset_samples"] else None,
             "basis": BASIS_SYNCHRONIZED if sync else BASIS_ESTIMATED,
         },
-    }
+    })
 
 
 class _ClockKeeper:

@@ -181,3 +181,141 @@ def test_cli_errors(make_server, tmp_path):
     assert r.returncode != 0 and "nosuchmodule" in r.stderr
     r = run_cli("--version")
     assert r.returncode == 0 and edgeml.__version__ in r.stdout
+
+
+# ------------------------------------------------------------- notebooks
+
+BACKEND_SCRIPT = textwrap.dedent("""
+    import sys
+    import matplotlib
+    matplotlib.use("svg")          # the user's choice, before edgeml draws anything
+    {pyplot}
+    from edgeml import profile
+    server = profile.serve("echo", port=0, host="127.0.0.1", threaded=True)
+    try:
+        r = profile.run("127.0.0.1", server.port, "random_bytes:100", iterations=8, warmup=0, progress=False)
+    finally:
+        server.stop()
+    paths = r.write(sys.argv[1])
+    figs = r.figures()
+    page = r._repr_html_()
+    import json
+    print(json.dumps({{"backend": matplotlib.get_backend(), "pyplot": "matplotlib.pyplot" in sys.modules,
+                      "fignums": __import__("matplotlib.pyplot").pyplot.get_fignums() if {with_pyplot} else [],
+                      "png": figs["stages"]._repr_png_()[:8].hex(), "img": "<img" in page,
+                      "files": sorted(paths)}}))
+""")
+
+
+@pytest.mark.parametrize("with_pyplot", [True, False])
+def test_plots_leave_the_users_matplotlib_backend_alone(tmp_path, with_pyplot):
+    """Drawing the plots never switches the backend (so a later plt.show()
+    still shows) and never adds figures to pyplot's list."""
+    code = BACKEND_SCRIPT.format(pyplot="import matplotlib.pyplot as plt" if with_pyplot else "",
+                                 with_pyplot=with_pyplot)
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
+                       timeout=scaled(60))
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["backend"] == "svg"
+    assert out["pyplot"] == with_pyplot  # edgeml does not import pyplot
+    assert out["fignums"] == []
+    assert out["png"] == "89504e470d0a1a0a" and out["img"]
+    assert out["files"] == ["csv", "json", "stages_png", "timeline_png"]
+    assert is_png(tmp_path / "stages.png") and is_png(tmp_path / "timeline.png")
+
+
+def test_result_shows_as_a_table_in_a_notebook(plugin, cleanup):
+    server = cleanup(profile.serve(f"{plugin}::Model", port=0, host="127.0.0.1", threaded=True))
+    result = profile.run("127.0.0.1", server.port, f"{plugin}::Sensor", iterations=10, warmup=0, progress=False)
+    page = result._repr_html_()
+    assert page.count("<table") == 1 and "<th>p50 ms</th>" in page and "<th>p99 ms</th>" in page
+    for name in ("upload", "handler", "backbone", "head", "download", "rtt", "total"):
+        assert f">{name}<" in page, name
+    assert "10 samples, 0 errors" in page and "symmetric" in page
+    assert "<img src='data:image/png;base64," in page  # the stage CDFs inline
+    figs = result.figures()
+    assert set(figs) == {"stages", "timeline"}
+    assert all(f._repr_png_().startswith(b"\x89PNG") for f in figs.values())
+    assert "10 samples" in repr(result)
+
+
+def test_result_html_without_matplotlib(plugin, cleanup, monkeypatch):
+    server = cleanup(profile.serve("echo", port=0, host="127.0.0.1", threaded=True))
+    result = profile.run("127.0.0.1", server.port, "random_bytes:10", iterations=3, warmup=0, progress=False)
+    for mod in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
+        monkeypatch.setitem(sys.modules, mod, None)
+    monkeypatch.setattr(profile, "_InlineFigure", None)
+    page = result._repr_html_()
+    assert "<table" in page and "<img" not in page
+    with pytest.raises(RuntimeError, match="plots need matplotlib"):
+        result.figures()
+
+
+class _TTY:
+    def __init__(self):
+        self.text = ""
+
+    def isatty(self):
+        return True
+
+    def write(self, s):
+        self.text += s
+
+    def flush(self):
+        pass
+
+
+def test_progress_on_a_terminal_is_a_tqdm_bar():
+    pytest.importorskip("tqdm")
+    tty = _TTY()
+    bar = profile.Progress(30, "profile", stream=tty)
+    assert bar.bar is not None
+    for i in range(30):
+        bar.update(i + 1, "rtt p50 0.10 ms")
+    bar.close()
+    assert "30/30" in tty.text and "100%" in tty.text and "call" in tty.text and "|" in tty.text
+
+
+def test_progress_without_tqdm_writes_lines(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    tty = _TTY()
+    bar = profile.Progress(20, "profile", stream=tty)
+    assert bar.bar is None
+    for i in range(20):
+        bar.update(i + 1)
+    bar.close()
+    assert tty.text.splitlines()[-1].startswith("profile: 20/20 (100%)")
+    assert len(tty.text.splitlines()) == 11  # 0%, 10%, ..., 100%
+
+
+def test_progress_in_a_notebook_uses_tqdm_auto(monkeypatch):
+    """In a Jupyter kernel (stderr is no terminal there) the bar comes from
+    tqdm.auto, which draws a widget."""
+    import types
+    made = []
+
+    class FakeTqdm:
+        def __init__(self, **kw):
+            made.append(kw)
+            self.n = 0
+
+        def update(self, k):
+            self.n += k
+
+        def set_postfix_str(self, s, refresh=True):
+            pass
+
+        def close(self):
+            made.append(("closed", self.n))
+
+    shell = types.SimpleNamespace(config={"IPKernelApp": {}})
+    monkeypatch.setitem(sys.modules, "IPython", types.SimpleNamespace(get_ipython=lambda: shell))
+    auto = types.ModuleType("tqdm.auto")
+    auto.tqdm = FakeTqdm
+    monkeypatch.setitem(sys.modules, "tqdm.auto", auto)
+    bar = profile.Progress(5, "profile")
+    for i in range(5):
+        bar.update(i + 1)
+    bar.close()
+    assert made[0]["total"] == 5 and "file" not in made[0] and made[-1] == ("closed", 5)

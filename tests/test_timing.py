@@ -210,3 +210,20 @@ def test_timing_is_thread_safe(make_server, make_client):
         th.join(scaled(60))
     assert not errors
     assert c.stats()["calls"] == 800
+
+
+def test_stats_show_as_a_table_in_a_notebook(make_server, make_client):
+    import json
+    s = make_server()
+    c = make_client(s.port, clock_refresh=None)
+    empty = c.stats()
+    assert "no calls yet" in empty._repr_html_()
+    for _ in range(5):
+        c.call("echo", b"x" * 100)
+    st = c.stats()
+    assert isinstance(st, dict) and json.loads(json.dumps(st)) == st  # still a plain dict to code
+    page = st._repr_html_()
+    assert page.count("<table") == 1 and "<th>p99</th>" in page and "5 calls" in page
+    for row in ("rtt (ms)", "upload (ms)", "handler (ms)", "download (ms)", "bytes up", "bytes down"):
+        assert f">{row}<" in page, row
+    assert "symmetric" in page  # says what the one-way figures rest on
