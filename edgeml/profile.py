@@ -273,10 +273,17 @@ def _in_notebook() -> bool:
     return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
 
 
+def _importable(name: str) -> bool:
+    if name in sys.modules:
+        return sys.modules[name] is not None
+    return importlib.util.find_spec(name) is not None
+
+
 class Progress:
     """Progress of a run: a tqdm bar on a terminal and in a notebook
-    (``tqdm.auto``: a widget there where ipywidgets is installed), a line per
-    10% otherwise (logs, CI) and where tqdm is not installed."""
+    (``tqdm.auto``'s widget there where ipywidgets is installed, tqdm's text
+    bar where not), a line per 10% otherwise (logs, CI) and where tqdm is
+    not installed."""
 
     def __init__(self, total: int, label: str, stream=None, enabled: bool = True):
         self.total, self.label = max(1, total), label
@@ -288,15 +295,16 @@ class Progress:
         notebook = enabled and stream is None and _in_notebook()
         tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
         if notebook or tty:
+            widget = notebook and _importable("ipywidgets")
             try:
-                if notebook:
+                if widget:
                     from tqdm.auto import tqdm
-                else:
+                else:  # a terminal, or a notebook without ipywidgets: tqdm's text bar
                     from tqdm import tqdm
             except ImportError:
                 tqdm = None
             if tqdm is not None:
-                kw = {} if notebook else {"file": self.stream}
+                kw = {} if widget else {"file": self.stream}
                 self.bar = tqdm(total=self.total, desc=label, unit="call", mininterval=0.1, dynamic_ncols=True,
                                 **kw)
 

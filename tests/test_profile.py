@@ -314,8 +314,16 @@ def test_progress_in_a_notebook_uses_tqdm_auto(monkeypatch):
     auto = types.ModuleType("tqdm.auto")
     auto.tqdm = FakeTqdm
     monkeypatch.setitem(sys.modules, "tqdm.auto", auto)
+    monkeypatch.setitem(sys.modules, "ipywidgets", types.ModuleType("ipywidgets"))
     bar = profile.Progress(5, "profile")
     for i in range(5):
         bar.update(i + 1)
     bar.close()
     assert made[0]["total"] == 5 and "file" not in made[0] and made[-1] == ("closed", 5)
+    # without ipywidgets: tqdm's text bar on stderr, not tqdm.auto's warning
+    pytest.importorskip("tqdm")
+    monkeypatch.setitem(sys.modules, "ipywidgets", None)
+    made.clear()
+    bar = profile.Progress(5, "profile")
+    assert not made and bar.bar is not None and type(bar.bar).__name__ == "tqdm"
+    bar.close()
