@@ -144,6 +144,7 @@ CODE_TO_ERROR = {
     "EENCODE": EncodeError,
     "EDECODE": DecodeError,
     "EINTR": InterruptedError_,
+    "EFORKED": ClosedError,
 }
 
 # Errors raised inside a server that travel back to the caller as themselves

@@ -1,6 +1,7 @@
 /* clock.c: the two clocks: wall time for the wire, monotonic for timeouts. */
 #include "em_base.h"
 
+#include <pthread.h>
 #include <sys/random.h>
 #include <sys/types.h>
 
@@ -48,4 +49,29 @@ uint64_t em__random_u64(void) {
   v = (v ^ (v >> 30)) * 0xbf58476d1ce4e5b9ull;
   v = (v ^ (v >> 27)) * 0x94d049bb133111ebull;
   return (v ^ (v >> 31)) | 1;
+}
+
+/* Fork detection: the child handler bumps a generation counter, so an
+ * object opened before a fork(), whose mutexes may have been held by
+ * threads that do not exist in the child and whose socket the parent
+ * still uses, can tell at the next call that it must not be touched. */
+static atomic_uint em__fork_counter;
+static void em__fork_child(void) { atomic_fetch_add(&em__fork_counter, 1); }
+static void em__fork_register(void) { pthread_atfork(NULL, NULL, em__fork_child); }
+
+unsigned em__fork_gen(void) {
+  static pthread_once_t once = PTHREAD_ONCE_INIT;
+  pthread_once(&once, em__fork_register);
+  return atomic_load_explicit(&em__fork_counter, memory_order_relaxed);
+}
+
+bool em__forked_since(unsigned gen) {
+  return atomic_load_explicit(&em__fork_counter, memory_order_relaxed) != gen;
+}
+
+uint64_t em__deadline(uint64_t timeout_ns) {
+  if (timeout_ns == EM_FOREVER) return EM_FOREVER;
+  uint64_t now = em_mono_ns();
+  if (timeout_ns >= EM_FOREVER - now) return EM_FOREVER; /* beyond any real clock: no limit */
+  return now + timeout_ns;
 }

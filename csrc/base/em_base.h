@@ -47,6 +47,15 @@ em_buf *em__buf_alloc(em_pool *p, size_t size);
 
 /* ---- misc (clock.c) */
 uint64_t em__random_u64(void); /* never 0 */
+/* The fork generation: changes in a child process after fork(). An object
+ * records it at open; em__forked_since(gen) is then true in a child,
+ * where the object must not lock its mutexes or use its socket. The first
+ * call registers the pthread_atfork handler. Any thread. */
+unsigned em__fork_gen(void);
+bool em__forked_since(unsigned gen);
+/* em_mono_ns() + timeout_ns, or EM_FOREVER when that would overflow (a
+ * timeout of centuries is no limit). */
+uint64_t em__deadline(uint64_t timeout_ns);
 
 /* ---- SHA-256, HMAC-SHA256, constant-time compare, random (sha256.c) */
 typedef struct em_sha256 {

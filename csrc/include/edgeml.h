@@ -51,7 +51,8 @@ extern "C" {
   X(EREMOTE, -14, "the remote handler failed")                              \
   X(EENCODE, -15, "payload cannot be encoded")                              \
   X(EDECODE, -16, "payload cannot be decoded")                              \
-  X(EINTR, -17, "interrupted")
+  X(EINTR, -17, "interrupted")                                              \
+  X(EFORKED, -18, "opened in another process (before a fork)")
 
 typedef enum em_err {
 #define EM__ERR_ENUM(name, code, msg) EM_##name = code,
@@ -243,13 +244,21 @@ int em_client_request(em_client *c, uint8_t type, em_payload *p,
 /* The handshake body the server sent (msgpack), valid until close. */
 const uint8_t *em_client_server_hello(em_client *c, size_t *len);
 
-/* Close the connection; calls in flight fail with ECLOSED. Safe once; the
- * client must not be used after it returns. Any thread except one inside a
- * call on this client. */
+/* Close the connection; calls in flight fail with ECLOSED, and the memory
+ * is freed only after every thread inside a call (or queued to start one)
+ * has returned. Safe once; the client must not be used after it returns
+ * and no new call may begin once it has begun. Any thread except one
+ * inside a call on this client.
+ * After fork(): in the child every call returns EFORKED without touching
+ * the connection (the parent's), shutdown does nothing and close only
+ * closes the child's copy of the descriptor; open a new client there. */
 void em_client_close(em_client *c);
 
 /* Make in-flight and future calls fail with ECLOSED without freeing. */
 void em_client_shutdown(em_client *c);
+
+/* 1 in a child process after fork() of the process that opened c. */
+int em_client_forked(const em_client *c);
 
 /* ---------------------------------------------------------------- timing
  *
@@ -371,6 +380,13 @@ typedef struct em_server_opts {
                                   "" = none. Copied at open. */
   uint64_t handshake_timeout_ns; /* close connections that have not finished
                                     the handshake after this; 0 = 10 s */
+  uint64_t max_pending_bytes;  /* memory budget for frames still being
+                                  received, all connections together: a
+                                  frame over 64 KiB that does not fit waits
+                                  (its connection is not read) until memory
+                                  frees; one frame always fits. 0 = an
+                                  eighth of physical memory, at least 256
+                                  MiB (docs/security.md) */
 } em_server_opts;
 
 /* Create a server and bind and listen on host:port, so errors such as
@@ -410,10 +426,17 @@ typedef struct em_server_stats {
   uint64_t subscribers;     /* open connections that subscribed */
   uint64_t publishes;       /* values published (the current version) */
   uint64_t publish_sends;   /* PUBLISH frames written */
+  uint64_t pending_bytes;   /* held now in frames still being received */
+  uint64_t max_pending_bytes; /* the budget for them */
+  uint64_t reads_paused;    /* times a connection waited for that budget */
 } em_server_stats;
 void em_server_get_stats(const em_server *s, em_server_stats *st);
 
-/* Free the server. Requires that run has returned or never started. */
+/* Free the server. Requires that run has returned or never started; waits
+ * for threads still returning from em_server_stop/wait/publish/get_stats
+ * (none may enter after close has begun). In a child process after fork()
+ * stop, wait and close do nothing (the loop thread is the parent's) and
+ * publish returns EFORKED. */
 void em_server_close(em_server *s);
 
 /* ------------------------------------------------------------- broadcast

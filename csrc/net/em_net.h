@@ -31,7 +31,12 @@ typedef struct em__listener_cbs {
   void (*on_wake)(void *ud);
   em_log_fn log;
   void *log_ud;
+  /* Budget for bytes held in frames still being received, all connections
+   * together (see em__budget); 0 = em__default_pending_bytes(). */
+  uint64_t max_pending_bytes;
 } em__listener_cbs;
+/* The default budget: an eighth of physical memory, at least 256 MiB. */
+uint64_t em__default_pending_bytes(void);
 
 int em__listener_open(em__listener **out, const char *host, uint16_t port, em_pool *pool,
                       uint64_t max_frame, const em__listener_cbs *cbs);
@@ -47,6 +52,9 @@ int em__listener_wait(em__listener *l, uint64_t timeout_ns);
 bool em__listener_on_loop_thread(const em__listener *l);
 void em__listener_close(em__listener *l);   /* after run returned */
 void em__listener_counts(const em__listener *l, uint64_t *open, uint64_t *total, uint64_t *proto_errors);
+/* Bytes now held in unfinished frames, and how many times a connection's
+ * reading was paused because its next frame did not fit the budget. */
+void em__listener_memory(const em__listener *l, uint64_t *pending_bytes, uint64_t *limit, uint64_t *paused);
 
 /* Send a frame built from p on c (loop thread). The payload's contents are
  * taken over when the write cannot finish at once (p is then re-inited);

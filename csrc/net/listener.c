@@ -11,6 +11,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <unistd.h>
 #include <uv.h>
 
 #define EM__MAX_WRITE_QUEUE (64u << 20) /* pause reading a conn above this */
@@ -24,6 +25,7 @@ struct em__conn {
   em__reader reader;
   int pending_writes;
   bool closing, close_after_writes, reading;
+  bool mem_wait;           /* paused: its next frame does not fit the budget */
   int state;               /* for the layer above (handshake) */
   em__conn_sub sub;        /* for the layer above (broadcast) */
   uint64_t accepted_mono;  /* em_mono_ns() at accept */
@@ -52,7 +54,18 @@ struct em__listener {
   atomic_bool stop_requested;
   atomic_bool wake_pending;
   atomic_ullong n_open, n_total, n_proto, n_subs;
+  em__budget budget;           /* loop thread (held is atomic for stats) */
+  uint64_t last_released;      /* budget.released when waiters were last retried */
+  int n_mem_wait;              /* conns with mem_wait set */
+  bool retrying;
+  atomic_ullong n_paused;
 };
+
+uint64_t em__default_pending_bytes(void) {
+  long pages = sysconf(_SC_PHYS_PAGES), psize = sysconf(_SC_PAGESIZE);
+  uint64_t ram = pages > 0 && psize > 0 ? (uint64_t)pages * (uint64_t)psize : (2ull << 30);
+  return EM__MAX(ram / 8, 256ull << 20);
+}
 
 void em__log(const em__listener_cbs *cbs, int level, const char *fmt, ...) {
   char msg[512];
@@ -65,19 +78,26 @@ void em__log(const em__listener_cbs *cbs, int level, const char *fmt, ...) {
 }
 
 static void em__close_handle(em__listener *l, uv_handle_t *h);
+static void em__retry_waiters(em__listener *l);
 
 static void em__conn_free_cb(uv_handle_t *h) {
   em__conn *c = (em__conn *)h;
-  em__reader_destroy(&c->reader);
-  atomic_fetch_sub(&c->l->n_open, 1);
-  if (c->sub.subscribed) atomic_fetch_sub(&c->l->n_subs, 1);
+  em__listener *l = c->l;
+  em__reader_destroy(&c->reader); /* gives back its share of the budget */
+  atomic_fetch_sub(&l->n_open, 1);
+  if (c->sub.subscribed) atomic_fetch_sub(&l->n_subs, 1);
   free(c);
+  em__retry_waiters(l);
 }
 
 static void em__conn_really_close(em__conn *c) {
   if (c->closing) return;
   c->closing = true;
   em__listener *l = c->l;
+  if (c->mem_wait) {
+    c->mem_wait = false;
+    l->n_mem_wait--;
+  }
   if (c->prev) c->prev->next = c->next;
   else l->conns = c->next;
   if (c->next) c->next->prev = c->prev;
@@ -135,9 +155,10 @@ static void em__alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
 }
 
 static void em__read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf);
+static void em__conn_process(em__conn *c);
 
 static void em__resume_reading(em__conn *c) {
-  if (!c->reading && !c->closing && !c->close_after_writes &&
+  if (!c->reading && !c->closing && !c->close_after_writes && !c->mem_wait &&
       uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp) < EM__MAX_WRITE_QUEUE &&
       !atomic_load(&c->l->stop_requested)) {
     if (uv_read_start((uv_stream_t *)&c->tcp, em__alloc_cb, em__read_cb) == 0) c->reading = true;
@@ -160,12 +181,34 @@ static void em__read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
   }
   if (nread == 0) return;
   em__reader_commit(&c->reader, (size_t)nread);
+  em__conn_process(c);
+  em__retry_waiters(c->l);
+}
+
+/* Hand every whole frame buffered on c to on_frame. Stops reading c when
+ * its replies queue up (a slow reader) or when its next frame does not fit
+ * the memory budget (it then waits on the listener's list until another
+ * frame completes or a connection closes). */
+static void em__conn_process(em__conn *c) {
   for (;;) {
     if (c->closing || c->close_after_writes) return;
     em_msg *m = NULL;
     const char *why = NULL;
     int rc = em__reader_next(&c->reader, &m, &why);
     if (rc == 0) break;
+    if (rc == EM__READER_WAIT) {
+      if (c->reading) uv_read_stop((uv_stream_t *)&c->tcp);
+      c->reading = false;
+      if (!c->mem_wait) {
+        c->mem_wait = true;
+        c->l->n_mem_wait++;
+        atomic_fetch_add(&c->l->n_paused, 1);
+        em__log(&c->l->cbs, EM_LOG_DEBUG, "pausing %s: %llu bytes held in unfinished frames (limit %llu)",
+                c->peer, (unsigned long long)atomic_load(&c->l->budget.held),
+                (unsigned long long)c->l->budget.limit);
+      }
+      return;
+    }
     if (rc < 0) {
       atomic_fetch_add(&c->l->n_proto, 1);
       em__conn_close(c, EM_LOG_WARNING, why);
@@ -178,6 +221,29 @@ static void em__read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
       return;
     }
   }
+}
+
+/* Memory was given back: let paused connections try their next frame. */
+static void em__retry_waiters(em__listener *l) {
+  if (!l->n_mem_wait || l->retrying || l->budget.released == l->last_released ||
+      atomic_load(&l->stop_requested))
+    return;
+  l->retrying = true;
+  while (l->n_mem_wait && l->budget.released != l->last_released) {
+    l->last_released = l->budget.released;
+    em__conn *c = l->conns;
+    while (c) {
+      em__conn *n = c->next; /* processing may close c */
+      if (c->mem_wait) {
+        c->mem_wait = false;
+        l->n_mem_wait--;
+        em__conn_process(c);
+        em__resume_reading(c);
+      }
+      c = n;
+    }
+  }
+  l->retrying = false;
 }
 
 static void em__on_connection(uv_stream_t *server, int status) {
@@ -194,6 +260,7 @@ static void em__on_connection(uv_stream_t *server, int status) {
     return;
   }
   c->l = l;
+  c->reader.budget = &l->budget;
   c->accepted_mono = em_mono_ns();
   uv_tcp_init(&l->loop, &c->tcp);
   if (uv_accept(server, (uv_stream_t *)&c->tcp) != 0) {
@@ -419,6 +486,7 @@ int em__listener_open(em__listener **out, const char *host, uint16_t port, em_po
   l->pool = pool;
   em__pool_retain(pool);
   l->max_frame = max_frame;
+  l->budget.limit = cbs->max_pending_bytes ? cbs->max_pending_bytes : em__default_pending_bytes();
   pthread_mutex_init(&l->mu, NULL);
   pthread_cond_init(&l->cv, NULL);
   uv_tcp_init(&l->loop, &l->server);
@@ -540,4 +608,10 @@ void em__listener_counts(const em__listener *l, uint64_t *open, uint64_t *total,
   *open = atomic_load(&((em__listener *)l)->n_open);
   *total = atomic_load(&((em__listener *)l)->n_total);
   *proto = atomic_load(&((em__listener *)l)->n_proto);
+}
+
+void em__listener_memory(const em__listener *l, uint64_t *pending_bytes, uint64_t *limit, uint64_t *paused) {
+  *pending_bytes = atomic_load(&((em__listener *)l)->budget.held);
+  *limit = l->budget.limit;
+  *paused = atomic_load(&((em__listener *)l)->n_paused);
 }

@@ -4,11 +4,34 @@
 
 #include <structmember.h>
 
+/* A timeout in seconds from Python as the core takes it: < 0 (the Python
+ * layer's None) and +inf are EM_FOREVER, as is anything beyond what a
+ * uint64_t of nanoseconds holds; NaN is a ValueError. Returns -1 with the
+ * error set. */
+static int em__py_timeout(double t, const char *what, uint64_t *out) {
+  if (isnan(t)) {
+    PyErr_Format(PyExc_ValueError, "%s must be a number of seconds or None, got nan", what);
+    return -1;
+  }
+  if (t < 0 || t * 1e9 >= 1.8e19) *out = EM_FOREVER;
+  else *out = (uint64_t)(t * 1e9);
+  return 0;
+}
+
 /* ================================================================ Client */
 
 typedef struct {
   PyObject_HEAD
   em_client *c;
+  /* Threads inside a call with the GIL released, and a client closed while
+   * they were: the last of them frees it (so close() never frees memory a
+   * call is using). Both GIL-protected. */
+  int inflight;
+  em_client *dying;
+  /* What open was given, to open afresh in a child process after fork(). */
+  char *host;
+  int port;
+  em_client_opts open_opts; /* service and token are copies we own */
   char where[300]; /* "host:port" for messages */
   /* One payload kept between calls so a call does not allocate its buffers;
    * a call made while another thread's call uses it builds its own.
@@ -47,10 +70,49 @@ static int em__dial_args(PyObject *args, PyObject *kw, const char **host, int *p
   }
   snprintf(where, where_len, strchr(*host, ':') ? "[%s]:%d" : "%s:%d", *host, *port);
   memset(o, 0, sizeof *o);
-  o->connect_timeout_ns = connect_timeout > 0 ? (uint64_t)(connect_timeout * 1e9) : 0;
+  uint64_t ct = 0;
+  if (connect_timeout > 0 && em__py_timeout(connect_timeout, "connect_timeout", &ct)) return -1;
+  if (isnan(connect_timeout)) return em__py_timeout(connect_timeout, "connect_timeout", &ct);
+  o->connect_timeout_ns = ct;
   o->max_message_bytes = max_bytes;
   o->service = service;
   o->token = token;
+  return 0;
+}
+
+static char *em__strdup_or_null(const char *s) { return s ? strdup(s) : NULL; }
+
+static void em__client_forget_args(em__pyclient *c) {
+  free(c->host);
+  free((char *)c->open_opts.service);
+  if (c->open_opts.token) {
+    memset((char *)c->open_opts.token, 0, strlen(c->open_opts.token));
+    free((char *)c->open_opts.token);
+  }
+  c->host = NULL;
+  memset(&c->open_opts, 0, sizeof c->open_opts);
+}
+
+/* In a child process after fork(): the inherited connection is the
+ * parent's (its replies, its request ids), so leave it to the parent and
+ * open a new one with the same arguments. GIL held (a one-off). */
+static int em__client_reopen(em__pyclient *c) {
+  em_client_close(c->c); /* in the child: closes our copy of the fd only */
+  c->c = NULL;
+  c->inflight = 0;  /* the parent's threads: they do not exist here */
+  c->dying = NULL;  /* the parent's to free */
+  if (!c->host) return em_py_raise(EM_ECLOSED, "client for %s is closed", c->where) ? -1 : -1;
+  em_client_opts o = c->open_opts;
+  char why[300] = "";
+  o.errbuf = why;
+  o.errbuf_len = sizeof why;
+  int rc = em_client_open(&c->c, c->host, (uint16_t)c->port, &o);
+  if (rc) {
+    if (!PyErr_Occurred())
+      em_py_raise(rc, "cannot connect to edgeml server at %s (a new connection for this process after fork): %s",
+                  c->where, why[0] ? why : em_strerror(rc));
+    return -1;
+  }
   return 0;
 }
 
@@ -59,6 +121,10 @@ static int em__client_init(PyObject *self, PyObject *args, PyObject *kw) {
   const char *host;
   int port;
   em_client_opts o;
+  if (c->c) {
+    PyErr_SetString(PyExc_RuntimeError, "Client.__init__ called twice");
+    return -1;
+  }
   if (em__dial_args(args, kw, &host, &port, &o, c->where, sizeof c->where)) return -1;
   if (!c->spare_ok) c->spare_ok = em_payload_init(&c->spare) == EM_OK;
   if (!c->codec_hist && !(c->codec_hist = PyMem_Calloc(2, sizeof *c->codec_hist))) {
@@ -78,11 +144,20 @@ static int em__client_init(PyObject *self, PyObject *args, PyObject *kw) {
     em_py_raise(rc, "cannot connect to edgeml server at %s: %s", c->where, why[0] ? why : em_strerror(rc));
     return -1;
   }
+  em__client_forget_args(c);
+  c->host = strdup(host);
+  c->port = port;
+  c->open_opts = o;
+  c->open_opts.errbuf = NULL;
+  c->open_opts.errbuf_len = 0;
+  c->open_opts.service = em__strdup_or_null(o.service);
+  c->open_opts.token = em__strdup_or_null(o.token);
   return 0;
 }
 
 static void em__client_dealloc(PyObject *self) {
   em__pyclient *c = (em__pyclient *)self;
+  em__client_forget_args(c);
   if (c->c) {
     em_client *cc = c->c;
     c->c = NULL;
@@ -95,6 +170,19 @@ static void em__client_dealloc(PyObject *self) {
   PyMem_Free(c->codec_hist);
   c->codec_hist = NULL;
   Py_TYPE(self)->tp_free(self);
+}
+
+/* A thread that used the client with the GIL released is back (GIL held):
+ * if the client was closed meanwhile and this was the last such thread,
+ * free it now. */
+static void em__client_leave(em__pyclient *c) {
+  if (--c->inflight == 0 && c->dying) {
+    em_client *d = c->dying;
+    c->dying = NULL;
+    Py_BEGIN_ALLOW_THREADS
+    em_client_close(d);
+    Py_END_ALLOW_THREADS
+  }
 }
 
 /* Turn an ERROR reply into a dict for edgeml.errors to raise from. */
@@ -142,6 +230,9 @@ static PyObject *em__client_call(PyObject *self, PyObject *args) {
   int type = EM_MSG_REQUEST, timed = 0;
   if (!PyArg_ParseTuple(args, "s#Od|ip", &method, &method_len, &payload, &timeout, &type, &timed)) return NULL;
   if (!c->c) return em_py_raise(EM_ECLOSED, "client for %s is closed", c->where);
+  uint64_t tmo;
+  if (em__py_timeout(timeout, "timeout", &tmo)) return NULL;
+  if (em_client_forked(c->c) && em__client_reopen(c)) return NULL;
   em_payload own, *pp = &own;
   if (c->spare_ok && !c->spare_busy) {
     pp = &c->spare;
@@ -152,7 +243,7 @@ static PyObject *em__client_call(PyObject *self, PyObject *args) {
   em_payload *const p = pp;
   em_py_keep keep = {0};
   PyObject *result = NULL;
-  em_client *cc = c->c;
+  em_client *cc;
   int64_t enc_ns = 0;
   if (type == EM_MSG_REQUEST) {
     uint64_t t_enc = em_mono_ns();
@@ -163,13 +254,20 @@ static PyObject *em__client_call(PyObject *self, PyObject *args) {
   } else {
     msgpack_pack_nil(&p->pk);
   }
-  uint64_t tmo = timeout < 0 ? EM_FOREVER : (uint64_t)(timeout * 1e9);
+  /* taken only now: encoding may run Python code (__array__, ...) that lets
+   * another thread close the client */
+  if (!(cc = c->c)) {
+    em_py_raise(EM_ECLOSED, "client for %s is closed", c->where);
+    goto done;
+  }
   em_msg *reply = NULL;
   em_call_timing timing;
   int rc;
+  c->inflight++;
   Py_BEGIN_ALLOW_THREADS
   rc = em_client_request_timed(cc, (uint8_t)type, p, tmo, &reply, &timing);
   Py_END_ALLOW_THREADS
+  em__client_leave(c);
   em_py_keep_release(&keep);
   if (rc == EM_OK || rc == EM_EREMOTE) {
     uint64_t t_dec = em_mono_ns();
@@ -188,6 +286,8 @@ static PyObject *em__client_call(PyObject *self, PyObject *args) {
     }
   } else if (rc == EM_EINTR && PyErr_Occurred()) {
     /* KeyboardInterrupt (or another signal handler's exception) */
+  } else if (rc == EM_ECLOSED) {
+    em_py_raise(rc, "call '%s' to %s: the client was closed", method, c->where);
   } else if (rc == EM_ETIMEDOUT) {
     em_py_raise(rc, "no reply from %s to '%s' within %.3g s", c->where, method, timeout);
   } else if (rc == EM_ETOOBIG) {
@@ -272,21 +372,33 @@ static PyObject *em__client_hello(PyObject *self, PyObject *unused) {
   return PyBytes_FromStringAndSize((const char *)h, (Py_ssize_t)len);
 }
 
+/* close(): calls in flight fail with ClosedError; the client is freed
+ * now, or by the last of those calls when it returns. */
 static PyObject *em__client_close(PyObject *self, PyObject *unused) {
   em__pyclient *c = (em__pyclient *)self;
   em_client *cc = c->c;
   if (cc) {
     c->c = NULL;
+    c->dying = cc;
+    c->inflight++; /* the shutdown below is a use like a call */
     Py_BEGIN_ALLOW_THREADS
-    em_client_close(cc);
+    em_client_shutdown(cc); /* wakes the calls in flight (may wait for a re-dial) */
     Py_END_ALLOW_THREADS
+    em__client_leave(c);
   }
   Py_RETURN_NONE;
 }
 
 static PyObject *em__client_shutdown(PyObject *self, PyObject *unused) {
   em__pyclient *c = (em__pyclient *)self;
-  if (c->c) em_client_shutdown(c->c);
+  em_client *cc = c->c;
+  if (cc) {
+    c->inflight++;
+    Py_BEGIN_ALLOW_THREADS
+    em_client_shutdown(cc);
+    Py_END_ALLOW_THREADS
+    em__client_leave(c);
+  }
   Py_RETURN_NONE;
 }
 
@@ -327,7 +439,20 @@ typedef struct {
   em_py_keep *keeps;       /* views held by replies still being written */
   int check_signals;
   int running;
+  /* Threads in stop() or publish() with the GIL released, and a server
+   * closed meanwhile (the serving thread's close after run returned): the
+   * last of those threads frees it. GIL-protected. */
+  int users;
+  em_server *dying;
 } em__pyserver;
+
+static void em__server_leave(em__pyserver *s) {
+  if (--s->users == 0 && s->dying) {
+    em_server *d = s->dying;
+    s->dying = NULL;
+    em_server_close(d);
+  }
+}
 
 typedef struct {
   em__pyserver *srv;
@@ -453,17 +578,23 @@ static void em__log_py(void *ud, int level, const char *msg) {
 static int em__server_init(PyObject *self, PyObject *args, PyObject *kw) {
   em__pyserver *s = (em__pyserver *)self;
   static char *kwlist[] = {"host", "port", "service", "dispatch", "format_error", "log",
-                           "hello_info", "max_message_bytes", "routes", "token", "handshake_timeout", NULL};
+                           "hello_info", "max_message_bytes", "routes", "token", "handshake_timeout",
+                           "max_pending_bytes", NULL};
   const char *host, *service;
   int port;
   PyObject *dispatch, *format_error, *log;
   Py_buffer info = {0};
-  unsigned long long max_bytes = 0;
+  unsigned long long max_bytes = 0, max_pending = 0;
   PyObject *routes = NULL;
   const char *token = NULL;
   double handshake_timeout = 0;
-  if (!PyArg_ParseTupleAndKeywords(args, kw, "sisOOO|y*KOzd", kwlist, &host, &port, &service, &dispatch,
-                                   &format_error, &log, &info, &max_bytes, &routes, &token, &handshake_timeout))
+  if (s->s) {
+    PyErr_SetString(PyExc_RuntimeError, "Server.__init__ called twice");
+    return -1;
+  }
+  if (!PyArg_ParseTupleAndKeywords(args, kw, "sisOOO|y*KOzdK", kwlist, &host, &port, &service, &dispatch,
+                                   &format_error, &log, &info, &max_bytes, &routes, &token, &handshake_timeout,
+                                   &max_pending))
     return -1;
   if (routes == Py_None) routes = NULL;
   if (routes && !PyDict_CheckExact(routes)) {
@@ -492,7 +623,13 @@ static int em__server_init(PyObject *self, PyObject *args, PyObject *kw) {
   o.hello_info_len = info.buf ? (size_t)info.len : 0;
   o.max_message_bytes = max_bytes;
   o.token = token;
-  o.handshake_timeout_ns = handshake_timeout > 0 ? (uint64_t)(handshake_timeout * 1e9) : 0;
+  uint64_t hs_ns = 0;
+  if (handshake_timeout > 0 && em__py_timeout(handshake_timeout, "handshake_timeout", &hs_ns)) {
+    PyBuffer_Release(&info);
+    return -1;
+  }
+  o.handshake_timeout_ns = hs_ns == EM_FOREVER ? UINT64_MAX / 4 : hs_ns;
+  o.max_pending_bytes = max_pending;
   o.handler = dispatch == Py_None ? NULL : em__handler; /* None: broadcast only */
   o.handler_ud = s;
   o.tick = em__tick;
@@ -542,15 +679,18 @@ static PyObject *em__server_stop(PyObject *self, PyObject *args) {
   em__pyserver *s = (em__pyserver *)self;
   double timeout = -1;
   if (!PyArg_ParseTuple(args, "|d", &timeout)) return NULL;
-  if (!s->s) Py_RETURN_NONE;
+  if (!s->s) Py_RETURN_TRUE;
+  uint64_t t;
+  if (em__py_timeout(timeout, "timeout", &t)) return NULL;
   em_server_stop(s->s);
   if (em_server_on_loop_thread(s->s)) Py_RETURN_NONE; /* from a handler: run returns soon */
   int rc;
   em_server *ss = s->s;
-  uint64_t t = timeout < 0 ? EM_FOREVER : (uint64_t)(timeout * 1e9);
+  s->users++; /* the serving thread may close the server while we wait */
   Py_BEGIN_ALLOW_THREADS
   rc = em_server_wait(ss, t);
   Py_END_ALLOW_THREADS
+  em__server_leave(s);
   return PyBool_FromLong(rc == EM_OK);
 }
 
@@ -563,16 +703,21 @@ static PyObject *em__server_publish(PyObject *self, PyObject *obj) {
   if (em_payload_init(&p)) return PyErr_NoMemory();
   em_py_keep keep = {0};
   PyObject *result = NULL;
-  if (em_py_encode(&p, &keep, obj, "payload") == 0) {
+  if (em_py_encode(&p, &keep, obj, "payload") == 0 && !s->s) {
+    em_py_raise(EM_ECLOSED, "cannot publish: the server is closed"); /* closed while encoding */
+  } else if (!PyErr_Occurred()) {
     uint64_t version = 0;
     int rc;
     em_server *ss = s->s;
+    s->users++;
     Py_BEGIN_ALLOW_THREADS
     rc = em_server_publish(ss, &p, &version);
     Py_END_ALLOW_THREADS
+    em__server_leave(s);
     if (rc == EM_OK) result = PyLong_FromUnsignedLongLong(version);
     else if (rc == EM_ETOOBIG) em_py_raise(rc, "cannot publish: the value exceeds the server's max_message_bytes");
     else if (rc == EM_ECLOSED) em_py_raise(rc, "cannot publish: the server has stopped");
+    else if (rc == EM_EFORKED) em_py_raise(rc, "cannot publish: the server runs in the parent process (fork)");
     else em_py_raise(rc, "cannot publish: %s", em_strerror(rc));
   }
   em_py_keep_release(&keep);
@@ -591,15 +736,21 @@ static PyObject *em__server_stats(PyObject *self, PyObject *unused) {
   if (!s->s) return PyDict_New();
   em_server_stats st;
   em_server_get_stats(s->s, &st);
-  return Py_BuildValue("{sKsKsKsKsKsKsKsKsK}", "connections_open", st.connections_open, "connections_total",
+  return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsKsK}", "connections_open", st.connections_open, "connections_total",
                        st.connections_total, "requests", st.requests, "errors_sent", st.errors_sent,
                        "protocol_errors", st.protocol_errors, "auth_failures", st.auth_failures, "subscribers",
-                       st.subscribers, "publishes", st.publishes, "publish_sends", st.publish_sends);
+                       st.subscribers, "publishes", st.publishes, "publish_sends", st.publish_sends,
+                       "pending_bytes", st.pending_bytes, "max_pending_bytes", st.max_pending_bytes,
+                       "reads_paused", st.reads_paused);
 }
 
 static void em__server_free(em__pyserver *s) {
   if (s->s && s->running != 1) {
-    em_server_close(s->s);
+    if (s->users > 0) { /* a stop() or publish() on another thread is still inside: it frees */
+      s->dying = s->s;
+    } else {
+      em_server_close(s->s);
+    }
     s->s = NULL;
   }
 }
@@ -689,7 +840,8 @@ static PyObject *em__sub_next(PyObject *self, PyObject *args) {
   if (!PyArg_ParseTuple(args, "d", &timeout)) return NULL;
   if (!s->sub) return em_py_raise(EM_ECLOSED, "subscription to %s is closed", s->where);
   if (s->busy) return em_py_raise(EM_EINVAL, "next() is already running on another thread");
-  uint64_t tmo = timeout < 0 ? EM_FOREVER : (uint64_t)(timeout * 1e9);
+  uint64_t tmo;
+  if (em__py_timeout(timeout, "timeout", &tmo)) return NULL;
   em_msg *m = NULL;
   int rc;
   em_sub *sub = s->sub;

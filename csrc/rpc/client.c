@@ -6,7 +6,17 @@
  *
  * Locks: wmu (serialises writes and reconnects) is taken before mu (all
  * other state), and mu before smu (timing statistics only, held briefly).
- * The reader reads without holding mu. */
+ * The reader reads without holding mu.
+ *
+ * Lifetime: every public function that locks counts itself in `entered`
+ * for its whole duration, so em_client_close (after waking everyone with
+ * em_client_shutdown) frees only once the last thread has left, even one
+ * that was still queued on wmu when close began.
+ *
+ * fork(): a child inherits the struct with mutexes that parent threads may
+ * have held, and the socket the parent still uses. Every entry point first
+ * checks the fork generation and, in a child, touches neither: calls fail
+ * with EFORKED, close only closes the child's copy of the descriptor. */
 #include "em_rpc.h"
 
 #include <errno.h>
@@ -40,6 +50,8 @@ struct em_client {
   bool reader_busy, closed;
   bool broken;     /* the connection failed; re-dial at the next call */
   int users;       /* threads inside calls; guarded by mu */
+  atomic_int entered; /* threads inside any locking entry point (see top) */
+  unsigned fork_gen;  /* em__fork_gen() at open */
   em__reader reader; /* used only by the thread holding reader_busy */
   em__slot *slots;   /* guarded by mu */
   uint64_t next_id;  /* guarded by wmu */
@@ -113,8 +125,12 @@ static int em__reconnect(em_client *c, uint64_t deadline) {
   uint64_t until = c->opts.connect_timeout_ns ? start + c->opts.connect_timeout_ns : start;
   if (deadline != EM_FOREVER && deadline < until) until = deadline;
   uint64_t backoff = 20000000ull;
+  /* one dial and handshake waits at most connect_timeout (or the default) */
+  uint64_t attempt_until = em__deadline(c->opts.connect_timeout_ns ? c->opts.connect_timeout_ns
+                                                                   : EM__HANDSHAKE_DEFAULT_NS);
+  if (deadline < attempt_until) attempt_until = deadline;
   for (;;) {
-    int rc = em__connect(c, deadline);
+    int rc = em__connect(c, attempt_until);
     if (rc != EM_ECONNREFUSED) return rc;
     uint64_t now = em_mono_ns();
     if (now + backoff > until) return rc;
@@ -136,6 +152,7 @@ int em_client_open(em_client **out, const char *host, uint16_t port, const em_cl
   if (c->opts.token) c->opts.token = strdup(c->opts.token);
   c->port = port;
   c->fd = -1;
+  c->fork_gen = em__fork_gen();
   c->next_id = 1;
   c->max_frame = c->opts.max_message_bytes ? c->opts.max_message_bytes : EM__DEFAULT_MAX_MESSAGE;
   c->pool = em__pool_new(256u << 20);
@@ -201,11 +218,23 @@ int em_client_request(em_client *c, uint8_t type, em_payload *p, uint64_t timeou
   return em_client_request_timed(c, type, p, timeout_ns, reply, NULL);
 }
 
+static int em__request(em_client *c, uint8_t type, em_payload *p, uint64_t timeout_ns, em_msg **reply,
+                       em_call_timing *timing);
+
 int em_client_request_timed(em_client *c, uint8_t type, em_payload *p, uint64_t timeout_ns, em_msg **reply,
                             em_call_timing *timing) {
   *reply = NULL;
+  if (em__forked_since(c->fork_gen)) return EM_EFORKED;
+  atomic_fetch_add(&c->entered, 1);
+  int rc = em__request(c, type, p, timeout_ns, reply, timing);
+  atomic_fetch_sub(&c->entered, 1); /* the last touch of c */
+  return rc;
+}
+
+static int em__request(em_client *c, uint8_t type, em_payload *p, uint64_t timeout_ns, em_msg **reply,
+                       em_call_timing *timing) {
   uint64_t t0 = 0, bytes_up = 0;
-  uint64_t deadline = timeout_ns == EM_FOREVER ? EM_FOREVER : em_mono_ns() + timeout_ns;
+  uint64_t deadline = em__deadline(timeout_ns);
   em__slot slot;
   memset(&slot, 0, sizeof slot);
   struct iovec iov_small[9];
@@ -340,14 +369,18 @@ out:
 void em_client_set_synchronized(em_client *c, int yes) { atomic_store(&c->synchronized, yes ? 1 : 0); }
 
 void em_client_note(em_client *c, int stage, int64_t value) {
-  if (stage < 0 || stage >= EM_STAGE_COUNT) return;
+  if (stage < 0 || stage >= EM_STAGE_COUNT || em__forked_since(c->fork_gen)) return;
+  atomic_fetch_add(&c->entered, 1);
   pthread_mutex_lock(&c->smu);
   em__hist_add(&c->hist[stage], value);
   pthread_mutex_unlock(&c->smu);
+  atomic_fetch_sub(&c->entered, 1);
 }
 
 void em_client_get_stats(em_client *c, em_client_stats *st) {
   memset(st, 0, sizeof *st);
+  if (em__forked_since(c->fork_gen)) return; /* smu may be held by a thread of the parent */
+  atomic_fetch_add(&c->entered, 1);
   pthread_mutex_lock(&c->smu);
   st->calls = c->calls;
   for (int i = 0; i < EM_STAGE_COUNT; i++) em__hist_summary(&c->hist[i], &st->stage[i]);
@@ -362,36 +395,60 @@ void em_client_get_stats(em_client *c, em_client_stats *st) {
     st->offset_age_ns = now - best.mono;
   }
   pthread_mutex_unlock(&c->smu);
+  atomic_fetch_sub(&c->entered, 1);
 }
 
 void em_client_reset_stats(em_client *c) {
+  if (em__forked_since(c->fork_gen)) return;
+  atomic_fetch_add(&c->entered, 1);
   pthread_mutex_lock(&c->smu);
   c->calls = 0;
   memset(c->hist, 0, sizeof c->hist);
   pthread_mutex_unlock(&c->smu);
+  atomic_fetch_sub(&c->entered, 1);
 }
 
 uint64_t em_client_idle_ns(em_client *c) {
+  if (em__forked_since(c->fork_gen)) return 0;
+  atomic_fetch_add(&c->entered, 1);
   pthread_mutex_lock(&c->smu);
   uint64_t last = c->last_reply_mono, now = em_mono_ns();
   pthread_mutex_unlock(&c->smu);
+  atomic_fetch_sub(&c->entered, 1);
   return now - last;
 }
 
+int em_client_forked(const em_client *c) { return em__forked_since(c->fork_gen); }
+
 void em_client_shutdown(em_client *c) {
+  if (em__forked_since(c->fork_gen)) return; /* never shut the parent's socket down */
+  atomic_fetch_add(&c->entered, 1);
   pthread_mutex_lock(&c->mu);
   c->closed = true;
   if (c->fd >= 0) shutdown(c->fd, SHUT_RDWR);
   pthread_cond_broadcast(&c->cv);
   pthread_mutex_unlock(&c->mu);
+  atomic_fetch_sub(&c->entered, 1);
 }
 
 void em_client_close(em_client *c) {
   if (!c) return;
+  if (em__forked_since(c->fork_gen)) {
+    /* In a fork child: drop this process's copy of the socket and leave
+     * the rest (its locks may be held forever); the parent is unaffected. */
+    if (c->fd >= 0) close(c->fd);
+    return;
+  }
   em_client_shutdown(c);
   pthread_mutex_lock(&c->mu);
   while (c->users > 0) em__cond_wait_until(&c->cv, &c->mu, em_mono_ns() + 100000000ull);
   pthread_mutex_unlock(&c->mu);
+  /* threads woken by the shutdown may still be on their way out (or just
+   * arriving at wmu): wait until none is inside */
+  while (atomic_load(&c->entered) > 0) {
+    struct timespec ts = {0, 200000};
+    nanosleep(&ts, NULL);
+  }
   if (c->fd >= 0) close(c->fd);
   em__reader_destroy(&c->reader);
   if (c->pool) em__pool_release(c->pool);

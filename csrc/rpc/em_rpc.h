@@ -37,7 +37,12 @@ int em__hello_dial(const char *host, uint16_t port, const char *service, const c
 
 /* Call attempt(ud, deadline) until it succeeds or fails with anything but
  * ECONNREFUSED, retrying a refused connect (a server still starting) for
- * up to connect_timeout_ns with backoff. Returns attempt's last result. */
+ * up to connect_timeout_ns with backoff; the deadline handed to attempt
+ * (dial and handshake) is the end of that window, so a server that
+ * accepts and never answers cannot hold the caller longer. With
+ * connect_timeout_ns 0: one attempt of up to EM__HANDSHAKE_DEFAULT_NS.
+ * Returns attempt's last result. */
+#define EM__HANDSHAKE_DEFAULT_NS 10000000000ull
 int em__open_retry(int (*attempt)(void *ud, uint64_t deadline), void *ud, uint64_t connect_timeout_ns);
 
 /* ---- timing.c (see edgeml.h "timing"); no locking, callers hold theirs */

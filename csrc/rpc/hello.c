@@ -174,12 +174,14 @@ int em__hello_dial(const char *host, uint16_t port, const char *service, const c
 }
 
 int em__open_retry(int (*attempt)(void *ud, uint64_t deadline), void *ud, uint64_t connect_timeout_ns) {
-  uint64_t deadline = em_mono_ns() + connect_timeout_ns;
+  /* connect_timeout bounds everything: the dial, the handshake's waits and
+   * the retries (0 = one attempt of up to EM__HANDSHAKE_DEFAULT_NS) */
+  uint64_t retry_until = em__deadline(connect_timeout_ns);
+  uint64_t deadline = em__deadline(connect_timeout_ns ? connect_timeout_ns : EM__HANDSHAKE_DEFAULT_NS);
   uint64_t backoff = 20000000ull; /* 20 ms, doubling to 500 ms */
   for (;;) {
-    /* each attempt may take up to 10 s or the whole window */
-    int rc = attempt(ud, em_mono_ns() + EM__MAX(10000000000ull, connect_timeout_ns));
-    if (rc != EM_ECONNREFUSED || em_mono_ns() + backoff > deadline) return rc;
+    int rc = attempt(ud, deadline);
+    if (rc != EM_ECONNREFUSED || em_mono_ns() + backoff > retry_until) return rc;
     struct timespec ts = {.tv_sec = 0, .tv_nsec = (long)backoff};
     nanosleep(&ts, NULL);
     backoff = EM__MIN(backoff * 2, 500000000ull);

@@ -5,6 +5,7 @@
 
 #include <stdio.h>
 #include <stdlib.h>
+#include <time.h>
 
 struct em_server {
   em__listener *l;
@@ -23,6 +24,8 @@ struct em_server {
   atomic_ullong n_requests, n_errors, n_bad_bodies, n_pub_sends, n_auth_failures;
   char *token;              /* NULL: no authentication */
   uint64_t handshake_timeout_ns, last_sweep;
+  unsigned fork_gen;        /* em__fork_gen() at open: a fork child must not touch the loop */
+  atomic_int entered;       /* threads inside stop/wait/publish/stats: close waits for them */
 };
 
 /* Handshake states of a connection (em__conn_state). */
@@ -227,7 +230,17 @@ static void em__on_subscribe(em_server *s, em__conn *c, const em_msg *m) {
   }
 }
 
+static int em__publish(em_server *s, em_payload *p, uint64_t *version_out);
+
 int em_server_publish(em_server *s, em_payload *p, uint64_t *version_out) {
+  if (em__forked_since(s->fork_gen)) return EM_EFORKED;
+  atomic_fetch_add(&s->entered, 1);
+  int rc = em__publish(s, p, version_out);
+  atomic_fetch_sub(&s->entered, 1);
+  return rc;
+}
+
+static int em__publish(em_server *s, em_payload *p, uint64_t *version_out) {
   if (atomic_load(&s->closed_for_publish)) return EM_ECLOSED;
   size_t cap = em__payload_iov_cap(p);
   struct iovec iov_small[9];
@@ -343,6 +356,7 @@ int em_server_open(em_server **out, const em_server_opts *opts) {
   }
   s->max_message_bytes = opts->max_message_bytes ? opts->max_message_bytes : EM__DEFAULT_MAX_MESSAGE;
   s->epoch = em__random_u64();
+  s->fork_gen = em__fork_gen();
   pthread_mutex_init(&s->pub_mu, NULL);
   em_pool *pool = em__pool_new(256u << 20);
   s->handshake_timeout_ns = opts->handshake_timeout_ns ? opts->handshake_timeout_ns : 10000000000ull;
@@ -360,7 +374,7 @@ int em_server_open(em_server **out, const em_server_opts *opts) {
   uint64_t tick_ns = opts->tick && opts->tick_ns ? EM__MIN(opts->tick_ns, sweep_ns) : sweep_ns;
   em__listener_cbs cbs = {.ud = s, .on_frame = em__on_frame, .on_tick = em__on_tick,
                           .tick_ns = EM__MAX(tick_ns, 1000000ull), .on_wake = em__on_wake, .log = opts->log,
-                          .log_ud = opts->log_ud};
+                          .log_ud = opts->log_ud, .max_pending_bytes = opts->max_pending_bytes};
   int rc = pool ? EM_OK : EM_ENOMEM;
   if (!rc) {
     rc = em__listener_open(&s->l, opts->host ? opts->host : "0.0.0.0", opts->port, pool,
@@ -387,11 +401,29 @@ int em_server_run(em_server *s) {
   atomic_store(&s->closed_for_publish, true);
   return rc;
 }
-void em_server_stop(em_server *s) { em__listener_stop(s->l); }
-int em_server_wait(em_server *s, uint64_t timeout_ns) { return em__listener_wait(s->l, timeout_ns); }
+/* In a fork child the server's loop thread does not exist: stop and wait
+ * must neither signal the parent's loop (the async handle's descriptor is
+ * shared) nor wait for a thread that is not there. */
+void em_server_stop(em_server *s) {
+  if (em__forked_since(s->fork_gen)) return;
+  atomic_fetch_add(&s->entered, 1);
+  em__listener_stop(s->l);
+  atomic_fetch_sub(&s->entered, 1);
+}
+int em_server_wait(em_server *s, uint64_t timeout_ns) {
+  if (em__forked_since(s->fork_gen)) return EM_OK;
+  atomic_fetch_add(&s->entered, 1);
+  int rc = em__listener_wait(s->l, timeout_ns);
+  atomic_fetch_sub(&s->entered, 1);
+  return rc;
+}
 int em_server_on_loop_thread(const em_server *s) { return em__listener_on_loop_thread(s->l); }
 
 void em_server_get_stats(const em_server *s, em_server_stats *st) {
+  memset(st, 0, sizeof *st);
+  if (em__forked_since(s->fork_gen)) return;
+  atomic_fetch_add(&((em_server *)s)->entered, 1);
+  em__listener_memory(s->l, &st->pending_bytes, &st->max_pending_bytes, &st->reads_paused);
   em__listener_counts(s->l, &st->connections_open, &st->connections_total, &st->protocol_errors);
   st->protocol_errors += atomic_load(&((em_server *)s)->n_bad_bodies);
   st->requests = atomic_load(&((em_server *)s)->n_requests);
@@ -402,10 +434,17 @@ void em_server_get_stats(const em_server *s, em_server_stats *st) {
   pthread_mutex_lock(&((em_server *)s)->pub_mu);
   st->publishes = s->pub_version;
   pthread_mutex_unlock(&((em_server *)s)->pub_mu);
+  atomic_fetch_sub(&((em_server *)s)->entered, 1);
 }
 
 void em_server_close(em_server *s) {
   if (!s) return;
+  if (em__forked_since(s->fork_gen)) return; /* a fork child: leave it (see em_server_stop) */
+  /* a thread woken in em_server_wait may still be on its way out */
+  while (atomic_load(&s->entered) > 0) {
+    struct timespec ts = {0, 200000};
+    nanosleep(&ts, NULL);
+  }
   em__listener_close(s->l);
   if (s->pub_buf) em_buf_release(s->pub_buf);
   if (s->pool) em__pool_release(s->pool);

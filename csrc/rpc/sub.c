@@ -34,6 +34,7 @@ struct em_sub {
   uint64_t epoch;             /* the server's, from its HELLO */
   bool asked;                 /* a SUBSCRIBE is outstanding on this connection */
   uint64_t backoff_ns, next_dial_ns;
+  unsigned fork_gen;          /* em__fork_gen() at open (see client.c) */
 };
 
 static void em__sub_drop(em_sub *s) {
@@ -94,6 +95,7 @@ int em_sub_open(em_sub **out, const char *host, uint16_t port, const em_client_o
   s->port = port;
   s->fd = -1;
   s->backoff_ns = EM__SUB_BACKOFF_MIN_NS;
+  s->fork_gen = em__fork_gen();
   pthread_mutex_init(&s->mu, NULL);
   pthread_condattr_t ca;
   pthread_condattr_init(&ca);
@@ -130,7 +132,9 @@ static void em__sub_sleep(em_sub *s, uint64_t until) {
 
 int em_sub_next(em_sub *s, uint64_t timeout_ns, em_msg **out) {
   *out = NULL;
-  uint64_t deadline = timeout_ns == EM_FOREVER ? EM_FOREVER : em_mono_ns() + timeout_ns;
+  if (em__forked_since(s->fork_gen)) return EM_EFORKED;
+  uint64_t deadline = em__deadline(timeout_ns);
+  uint64_t dial_ns = s->opts.connect_timeout_ns ? s->opts.connect_timeout_ns : EM__HANDSHAKE_DEFAULT_NS;
   for (;;) {
     if (em__sub_closed(s)) return EM_ECLOSED;
     if (s->fd < 0) {
@@ -141,7 +145,7 @@ int em_sub_next(em_sub *s, uint64_t timeout_ns, em_msg **out) {
         if (s->opts.check_interrupt && s->opts.check_interrupt(s->opts.interrupt_ud)) return EM_EINTR;
         continue;
       }
-      int rc = em__sub_dial(s, EM__MIN(deadline, now + 10000000000ull));
+      int rc = em__sub_dial(s, EM__MIN(deadline, em__deadline(dial_ns)));
       if (rc) {
         if (rc == EM_ECLOSED) return rc;
         s->next_dial_ns = em_mono_ns() + s->backoff_ns;
@@ -197,6 +201,7 @@ int em_sub_next(em_sub *s, uint64_t timeout_ns, em_msg **out) {
 int em_sub_connected(const em_sub *s) { return atomic_load(&((em_sub *)s)->connected); }
 
 void em_sub_shutdown(em_sub *s) {
+  if (em__forked_since(s->fork_gen)) return; /* the socket is the parent's too */
   pthread_mutex_lock(&s->mu);
   s->closed = true;
   if (s->fd >= 0) shutdown(s->fd, SHUT_RDWR);
@@ -207,6 +212,7 @@ void em_sub_shutdown(em_sub *s) {
 void em_sub_close(em_sub *s) {
   if (!s) return;
   if (s->fd >= 0) close(s->fd);
+  if (em__forked_since(s->fork_gen)) return; /* a fork child: leave the rest (see client.c) */
   em__reader_destroy(&s->reader);
   if (s->pool) em__pool_release(s->pool);
   pthread_mutex_destroy(&s->mu);

@@ -46,7 +46,16 @@ int em__payload_frame(em_payload *p, uint8_t type, uint16_t flags, uint64_t req_
 void em__payload_set_ts(em_payload *p, int i, uint64_t ts_ns);
 size_t em__payload_iov_cap(const em_payload *p);
 
-/* Check a msgpack body (see em_msg_unpack). EM_OK or EM_EDECODE + reason. */
+/* Check a msgpack body (see em_msg_unpack). EM_OK or EM_EDECODE + reason.
+ * Besides structure it bounds decode amplification: each element is
+ * charged what decoding it is estimated to allocate (msgpack-c's object,
+ * the Python object and its slot: ~100 bytes for an empty map from one
+ * byte), and a body whose total exceeds max(EM__DECODE_FLOOR_BYTES,
+ * EM__DECODE_RATIO x its length) is refused before anything is built. */
+#define EM__DECODE_RATIO 16
+#define EM__DECODE_FLOOR_BYTES (64u << 20)
+#define EM__STR_(x) #x
+#define EM__STR(x) EM__STR_(x)
 int em__body_check(const em_msg *m, const char **why);
 
 /* Parse an array ext's data; checks it against the message's blobs. */
@@ -60,6 +69,22 @@ int em__array_parse(const em_msg *m, const uint8_t *data, size_t len, em_array *
  * more read per frame instead of a staging copy of up to 64 KiB.
  * One thread at a time. */
 #define EM__READER_BIG_BYTES (16 * 1024)
+
+/* A budget for the bytes held in frames being received (allocated at their
+ * header, freed when the whole frame is in or the reader is reset), shared
+ * by the readers of one server. Frames up to EM__BUDGET_FREE_BYTES are not
+ * counted. A frame that would take `held` over `limit` is not started
+ * (em__reader_next returns EM__READER_WAIT) unless nothing is held, so one
+ * frame of any allowed size always gets through. One thread (the loop);
+ * `held` is atomic only so that stats can read it from another. */
+#define EM__BUDGET_FREE_BYTES (64u * 1024u)
+typedef struct em__budget {
+  uint64_t limit;
+  atomic_ullong held;
+  uint64_t released; /* counts uncharges: a waiter may now fit */
+} em__budget;
+#define EM__READER_WAIT 2
+
 typedef struct em__reader {
   em_pool *pool;
   uint64_t max_frame;
@@ -69,6 +94,8 @@ typedef struct em__reader {
   size_t cur_have;
   em__hdr cur_hdr;
   bool big; /* the last frame was large: read the next header alone */
+  em__budget *budget; /* NULL = none; set by the owner after init */
+  uint64_t charged;   /* bytes of cur counted in budget */
 } em__reader;
 
 int em__reader_init(em__reader *r, em_pool *pool, uint64_t max_frame);
@@ -77,8 +104,10 @@ void em__reader_reset(em__reader *r);
 /* Where the next bytes from the stream should go, and how many fit. */
 void em__reader_region(em__reader *r, uint8_t **p, size_t *n);
 void em__reader_commit(em__reader *r, size_t n);
-/* 1 and *out when a whole frame is in, 0 when more bytes are needed, or a
- * negative code (+ *why) when the stream is malformed (close it). */
+/* 1 and *out when a whole frame is in, 0 when more bytes are needed,
+ * EM__READER_WAIT when the next frame does not fit the budget (call again
+ * once memory was released; nothing was consumed), or a negative code
+ * (+ *why) when the stream is malformed (close it). */
 int em__reader_next(em__reader *r, em_msg **out, const char **why);
 /* True when part of a frame has been read but not all of it. */
 bool em__reader_mid_frame(const em__reader *r);

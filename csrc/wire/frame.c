@@ -115,7 +115,15 @@ int em__reader_init(em__reader *r, em_pool *pool, uint64_t max_frame) {
   return EM_OK;
 }
 
+static void em__reader_uncharge(em__reader *r) {
+  if (!r->charged) return;
+  atomic_fetch_sub(&r->budget->held, r->charged);
+  r->budget->released++;
+  r->charged = 0;
+}
+
 void em__reader_reset(em__reader *r) {
+  em__reader_uncharge(r);
   if (r->cur) em_buf_release(r->cur);
   r->cur = NULL;
   r->cur_have = 0;
@@ -168,9 +176,17 @@ int em__reader_next(em__reader *r, em_msg **out, const char **why) {
     if (avail < EM_FRAME_HEADER_BYTES) return 0;
     rc = em__hdr_parse(r->stage + r->stage_start, r->max_frame, &r->cur_hdr, why);
     if (rc) return rc;
-    r->big = r->cur_hdr.frame_len > EM__READER_BIG_BYTES;
-    em_buf *b = em__buf_alloc(r->pool, (size_t)r->cur_hdr.frame_len);
+    uint64_t flen = r->cur_hdr.frame_len;
+    if (r->budget && flen > EM__BUDGET_FREE_BYTES) {
+      uint64_t held = atomic_load(&r->budget->held);
+      if (held && held + flen > r->budget->limit) return EM__READER_WAIT;
+      atomic_fetch_add(&r->budget->held, flen);
+      r->charged = flen;
+    }
+    r->big = flen > EM__READER_BIG_BYTES;
+    em_buf *b = em__buf_alloc(r->pool, (size_t)flen);
     if (!b) {
+      em__reader_uncharge(r);
       *why = "out of memory for an incoming frame";
       return EM_ENOMEM;
     }
@@ -184,6 +200,7 @@ int em__reader_next(em__reader *r, em_msg **out, const char **why) {
   em_buf *b = r->cur;
   r->cur = NULL;
   r->cur_have = 0;
+  em__reader_uncharge(r); /* a whole frame: no longer "being received" */
   rc = em__frame_finish(b, &r->cur_hdr, out, why);
   if (rc) {
     em_buf_release(b);

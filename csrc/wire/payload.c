@@ -218,9 +218,26 @@ bad:
   return EM_EDECODE;
 }
 
+/* Decode cost: what decoding an element is estimated to allocate (a
+ * msgpack_object in the unpack zone plus the Python object and the slot
+ * that refers to it; see em__body_check). */
+#define EM__COST_ELEM 32u     /* msgpack_object + the parent's pointer */
+#define EM__COST_MAP 112u     /* dict object; + EM__COST_KV per entry */
+#define EM__COST_KV 96u       /* zone key/value pair + dict entry and index */
+#define EM__COST_LIST 56u     /* list or tuple object */
+#define EM__COST_STR 49u      /* + its length */
+#define EM__COST_NUM 32u      /* int or float object */
+#define EM__COST_ARRAY 256u   /* ndarray view + shape tuple */
+
+typedef struct em__scan_ctx {
+  uint64_t cost, limit;
+} em__scan_ctx;
+
 /* One element of msgpack at *pos; recursion bounded by EM__MAX_DEPTH. Every
- * container count must fit in the bytes left (each element takes >= 1). */
-static int em__scan(const em_msg *m, const uint8_t *p, size_t n, size_t *pos, int depth, const char **why) {
+ * container count must fit in the bytes left (each element takes >= 1),
+ * and the running decode cost must stay within the limit. */
+static int em__scan(const em_msg *m, const uint8_t *p, size_t n, size_t *pos, int depth, em__scan_ctx *cx,
+                    const char **why) {
   if (depth > EM__MAX_DEPTH) {
     *why = "body nested too deeply";
     return EM_EDECODE;
@@ -230,8 +247,9 @@ static int em__scan(const em_msg *m, const uint8_t *p, size_t n, size_t *pos, in
   size_t left = n - *pos;
   uint64_t count = 0, len = 0;
   int ext = -1, is_map = 0, is_arr = 0;
+  cx->cost += EM__COST_ELEM;
 #define NEED(k) do { if (left < (k)) goto trunc; } while (0)
-  if (t <= 0x7f || t >= 0xe0 || t == 0xc0 || t == 0xc2 || t == 0xc3) return EM_OK;
+  if (t <= 0x7f || t >= 0xe0 || t == 0xc0 || t == 0xc2 || t == 0xc3) goto small; /* cached objects */
   if ((t & 0xf0) == 0x80) { is_map = 1; count = t & 0x0f; }
   else if ((t & 0xf0) == 0x90) { is_arr = 1; count = t & 0x0f; }
   else if ((t & 0xe0) == 0xa0) { len = t & 0x1f; }
@@ -268,13 +286,18 @@ static int em__scan(const em_msg *m, const uint8_t *p, size_t n, size_t *pos, in
   if (is_map || is_arr) {
     uint64_t elems = is_map ? count * 2 : count;
     if (elems > left) goto trunc;
+    cx->cost += is_map ? EM__COST_MAP + count * EM__COST_KV : EM__COST_LIST;
+    if (cx->cost > cx->limit) goto costly;
     for (uint64_t i = 0; i < elems; i++) {
-      int rc = em__scan(m, p, n, pos, depth + 1, why);
+      int rc = em__scan(m, p, n, pos, depth + 1, cx, why);
       if (rc) return rc;
     }
     return EM_OK;
   }
   if (len > left) goto trunc;
+  cx->cost += ext == EM_EXT_ARRAY ? EM__COST_ARRAY
+              : (ext >= 0 || t == 0xca || t == 0xcb || (t >= 0xcc && t <= 0xd3)) ? EM__COST_NUM
+                                                                                 : EM__COST_STR + len;
   if (ext == EM_EXT_ARRAY) {
     em_array a;
     int rc = em__array_parse(m, p + *pos, (size_t)len, &a, why);
@@ -285,9 +308,15 @@ static int em__scan(const em_msg *m, const uint8_t *p, size_t n, size_t *pos, in
     return EM_EDECODE;
   }
   *pos += len;
+small:
+  if (cx->cost > cx->limit) goto costly;
   return EM_OK;
 trunc:
   *why = "body truncated or a length in it lies";
+  return EM_EDECODE;
+costly:
+  *why = "body would decode into too many objects (more than " EM__STR(EM__DECODE_RATIO)
+         " bytes of objects per body byte; send bulk data as numpy arrays)";
   return EM_EDECODE;
 }
 
@@ -297,7 +326,8 @@ int em__body_check(const em_msg *m, const char **why) {
     *why = "empty body";
     return EM_EDECODE;
   }
-  int rc = em__scan(m, m->body, m->body_len, &pos, 0, why);
+  em__scan_ctx cx = {0, EM__MAX((uint64_t)EM__DECODE_FLOOR_BYTES, (uint64_t)EM__DECODE_RATIO * m->body_len)};
+  int rc = em__scan(m, m->body, m->body_len, &pos, 0, &cx, why);
   if (rc) return rc;
   if (pos != m->body_len) {
     *why = "trailing bytes after the body";
