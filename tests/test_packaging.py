@@ -82,3 +82,102 @@ def test_every_subpackage_is_packaged():
         if "__init__.py" in files and "__pycache__" not in d:
             found.add(os.path.relpath(d, ROOT).replace(os.sep, "."))
     assert found == listed
+
+
+# ------------------------------------------------ scripts/setup.sh, Python side
+
+FAKE_PY = """#!/bin/bash
+# Debian's python3 as a test double: externally managed, with pip, and
+# without ensurepip (python3-venv) until the fake apt-get installs it
+real={real}
+state={state}
+if [ "$1" = -c ] && [[ "$2" == *EXTERNALLY-MANAGED* ]]; then exit 0; fi
+if [ "$1" = -m ] && [ "$2" = venv ] && [ ! -e "$state/python3-venv" ]; then
+  "$real" -m venv --without-pip "$3"  # what Debian leaves behind: a .venv without pip
+  echo "The virtual environment was not created successfully because ensurepip is not available." >&2
+  exit 1
+fi
+if [ "$1" = -m ] && [ "$2" = pip ] && [ "$3" = install ]; then
+  echo "error: externally-managed-environment" >&2
+  exit 1
+fi
+exec "$real" "$@"
+"""
+
+FAKE_APT = """#!/bin/bash
+echo "apt-get $*" >> {state}/apt.log
+for a in "$@"; do [ "$a" = python3-venv ] && touch {state}/python3-venv; done
+exit 0
+"""
+
+
+@pytest.fixture
+def fake_checkout(tmp_path):
+    """A checkout with edgeml's scripts/ and a tiny pure-Python package, a
+    python3 that behaves like Debian 12's, and apt-get/sudo stand-ins."""
+    co, state, bin_ = tmp_path / "co", tmp_path / "state", tmp_path / "bin"
+    for d in (co / "scripts", state, bin_):
+        d.mkdir(parents=True)
+    for name in ("setup.sh", "python.sh"):
+        shutil.copy(os.path.join(ROOT, "scripts", name), co / "scripts" / name)
+    (co / "pyproject.toml").write_text('[build-system]\nrequires = ["setuptools>=61"]\n'
+                                       'build-backend = "setuptools.build_meta"\n[project]\nname = "fakepkg"\n'
+                                       'version = "0"\n[project.optional-dependencies]\ntest = []\n'
+                                       '[tool.setuptools]\npy-modules = ["fakepkg"]\n')
+    (co / "fakepkg.py").write_text("OK = 1\n")
+    for name, text in (("python3", FAKE_PY.format(real=sys.executable, state=state)),
+                       ("apt-get", FAKE_APT.format(state=state)),
+                       ("apt-cache", "#!/bin/bash\nexit 1\n"),
+                       ("sudo", '#!/bin/bash\nexec "$@"\n')):
+        (bin_ / name).write_text(text)
+        (bin_ / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}", "PYTHON": str(bin_ / "python3")}
+    env.pop("VIRTUAL_ENV", None)
+
+    def run(*args):
+        r = subprocess.run(["bash", "scripts/setup.sh", *args], cwd=co, env=env, capture_output=True, text=True,
+                           timeout=300)
+        apt = (state / "apt.log").read_text() if (state / "apt.log").exists() else ""
+        return r, apt
+
+    def importable():
+        return subprocess.run([str(co / ".venv" / "bin" / "python"), "-c", "import fakepkg"],
+                              cwd=tmp_path, capture_output=True).returncode == 0
+
+    return co, run, importable
+
+
+@pytest.mark.timeout(600)
+def test_setup_sh_with_pip_but_without_python3_venv(fake_checkout):
+    co, run, importable = fake_checkout
+    r, apt = run("demo")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "install -y -qq python3-venv" in apt  # venv failed for want of ensurepip: installed it, made .venv again
+    assert "clang" not in apt and "iproute2" not in apt  # the demo installs what the demo needs
+    assert '== installing edgeml (pip install -e ".")' in r.stdout
+    assert importable()
+    assert ". .venv/bin/activate" in r.stdout  # says what to run before the README's other commands
+    # again: nothing to install, the same .venv
+    r, apt2 = run("demo")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert apt2 == apt and "making it again" not in r.stdout and importable()
+
+
+@pytest.mark.timeout(600)
+def test_setup_sh_remakes_a_half_made_venv(fake_checkout):
+    """A .venv with a python but no pip, as an earlier run leaves it when
+    venv failed for want of ensurepip."""
+    co, run, importable = fake_checkout
+    (co.parent / "state" / "python3-venv").touch()  # python3-venv is there this time
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(co / ".venv")], check=True)
+    r, apt = run("test")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "making it again" in r.stdout
+    assert '== installing edgeml (pip install -e ".[test]")' in r.stdout
+    assert importable() and ". .venv/bin/activate" in r.stdout
+
+
+def test_setup_sh_refuses_an_unknown_mode(fake_checkout):
+    co, run, _ = fake_checkout
+    r, _ = run("everything")
+    assert r.returncode == 2 and "usage: scripts/setup.sh [demo|test]" in r.stderr
