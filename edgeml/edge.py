@@ -13,7 +13,7 @@ import concurrent.futures
 from dataclasses import dataclass
 from typing import Any, Callable, Collection, FrozenSet, Iterable, List, Optional
 
-from . import errors
+from . import _compat, errors
 from ._base import DEFAULT_TIMEOUT, ClientBase, ServerBase, _check_port, _Subscription, wrap_future
 
 
@@ -60,6 +60,8 @@ class EdgeConfig:
 
 ActionConfig = EdgeConfig
 
+_NO_PAYLOAD = object()
+
 
 def _check_keys(keys: Iterable[str], allowed: FrozenSet[str], what: str) -> List[str]:
     out = []
@@ -95,10 +97,17 @@ class EdgeServer(ServerBase):
     _service = "edge"
 
     def __init__(self, config: EdgeConfig, observation_callback: Optional[Callable[[List[str]], Any]] = None,
-                 action_callback: Optional[Callable[[str, Any], Any]] = None, *, host: str = "0.0.0.0",
-                 max_message_bytes: Optional[int] = None, log_level: Any = None, token: Optional[str] = None):
+                 action_callback: Optional[Callable[[str, Any], Any]] = None, log_level: Any = None, *,
+                 host: str = "0.0.0.0", max_message_bytes: Optional[int] = None, token: Optional[str] = None,
+                 obs_callback: Optional[Callable[[List[str]], Any]] = None,
+                 act_callback: Optional[Callable[[str, Any], Any]] = None):
         if not isinstance(config, EdgeConfig):
             raise TypeError(f"config must be an EdgeConfig, got {type(config).__name__}")
+        # agentlace's keyword names
+        observation_callback = _compat.pick("observation_callback", observation_callback, "obs_callback",
+                                            obs_callback)
+        action_callback = _compat.pick("action_callback", action_callback, "act_callback", act_callback)
+        _compat.apply_log_level(log_level)
         for name, cb in (("observation_callback", observation_callback), ("action_callback", action_callback)):
             if cb is not None and not callable(cb):
                 raise TypeError(f"{name} must be callable or None, got {cb!r}")
@@ -159,14 +168,23 @@ class EdgeClient(ClientBase):
     the server's raise HandshakeError. Calls raise typed errors (timeouts,
     connection, the server callback's exception as RemoteError), never
     return None for a lost message.
+
+    agentlace spellings: ``server_ip=`` (host), ``port_num=`` (port),
+    ``timeout_ms=`` (the call timeout in ms), ``wait_for_server=True`` (wait
+    as long as it takes for the server to come up), ``log_level=``.
     """
 
     _service = "edge"
 
-    def __init__(self, host: str = "localhost", port: Optional[int] = None, task_id: Optional[str] = None,
+    def __init__(self, host: Optional[str] = None, port: Optional[int] = None, task_id: Optional[str] = None,
                  config: Optional[EdgeConfig] = None, *, timeout: Optional[float] = DEFAULT_TIMEOUT,
                  connect_timeout: float = 5.0, max_message_bytes: Optional[int] = None,
-                 wait_for_server: bool = False, token: Optional[str] = None):
+                 wait_for_server: bool = False, token: Optional[str] = None, server_ip: Optional[str] = None,
+                 port_num: Optional[int] = None, timeout_ms: Optional[float] = None, log_level: Any = None):
+        host = _compat.pick("host", host, "server_ip", server_ip, "localhost")
+        port = _compat.pick("port", port, "port_num", port_num)
+        timeout = _compat.timeout_from_ms(timeout, timeout_ms, DEFAULT_TIMEOUT)
+        _compat.apply_log_level(log_level)
         if isinstance(port, EdgeConfig) and config is None:  # EdgeClient(host, config)
             port, config = None, port
         if config is not None and not isinstance(config, EdgeConfig):
@@ -176,7 +194,7 @@ class EdgeClient(ClientBase):
                 raise ValueError("EdgeClient needs a port or a config with port_number")
             port = config.port_number
         super().__init__(host, port, timeout=timeout,
-                         connect_timeout=(365 * 86400.0 if wait_for_server else connect_timeout),
+                         connect_timeout=(_compat.WAIT_FOREVER_S if wait_for_server else connect_timeout),
                          max_message_bytes=max_message_bytes, token=token)
         self.task_id = task_id
         self.config = config
@@ -231,9 +249,10 @@ class EdgeClient(ClientBase):
         _check_keys([key], self._act_keys, "action_keys")
         return self._request("act", [key, action], timeout)
 
-    def act(self, key: str, payload: Any = None, timeout: Optional[float] = None) -> Any:
-        """agentlace spelling of ``send_action(payload, key)``."""
-        return self.send_action(payload, key, timeout)
+    def act(self, key: str, payload: Any = _NO_PAYLOAD, timeout: Optional[float] = None) -> Any:
+        """agentlace spelling of ``send_action(payload, key)``; without a
+        payload it sends ``{}``, as agentlace did."""
+        return self.send_action({} if payload is _NO_PAYLOAD else payload, key, timeout)
 
     async def asend_action(self, action: Any, key: Optional[str] = None, timeout: Optional[float] = None) -> Any:
         return await wrap_future(self._submit(self.send_action, action, key, timeout))
@@ -284,8 +303,9 @@ class EdgeClient(ClientBase):
 
 
 class ActionClient(EdgeClient):
-    """agentlace's ``ActionClient(server_ip, config)``: an ``EdgeClient``
-    whose port is ``config.port_number``."""
+    """agentlace's ``ActionClient(server_ip, config, wait_for_server=False)``:
+    an ``EdgeClient`` whose port is ``config.port_number`` (``timeout_ms=``
+    and the other EdgeClient keywords work too)."""
 
     def __init__(self, server_ip: str, config: EdgeConfig, wait_for_server: bool = False, **kw: Any):
         super().__init__(server_ip, None, config=config, wait_for_server=wait_for_server, **kw)

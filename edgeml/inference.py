@@ -5,7 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 from typing import Any, Callable, Dict, List, Optional
 
-from . import _core, errors
+from . import _compat, _core, errors
 from ._base import DEFAULT_TIMEOUT, ClientBase, ServerBase, wrap_future
 from .timing import CallTiming
 
@@ -25,7 +25,8 @@ class InferenceServer(ServerBase):
 
     def __init__(self, port_num: int = 6379, host: str = "0.0.0.0", *,
                  max_message_bytes: Optional[int] = None, token: Optional[str] = None,
-                 handshake_timeout: float = 10.0):
+                 handshake_timeout: float = 10.0, log_level: Any = None):
+        _compat.apply_log_level(log_level)
         super().__init__(port_num, host, max_message_bytes=max_message_bytes, token=token,
                          handshake_timeout=handshake_timeout)
         self._interfaces: Dict[str, Callable[[Any], Any]] = {}
@@ -71,14 +72,26 @@ class InferenceClient(ClientBase):
     ``timeout`` (seconds, None = wait forever) bounds every call; a server
     that is down raises ``EdgeMLConnectionError`` naming host:port, a handler
     that raises gives ``RemoteError``. One client may be shared by threads.
+
+    agentlace spellings: ``InferenceClient(server_ip=..., port_num=...)``,
+    ``timeout_ms=`` (ms), ``wait_for_server=True`` (wait as long as it takes
+    for the server to come up), ``log_level=``.
     """
 
     _service = "inference"
 
-    def __init__(self, host: str = "localhost", port: int = 6379, *,
+    def __init__(self, host: Optional[str] = None, port: Optional[int] = None, *,
                  timeout: Optional[float] = DEFAULT_TIMEOUT, connect_timeout: float = 5.0,
                  max_message_bytes: Optional[int] = None, clocks_synchronized: bool = False,
-                 clock_refresh: Optional[float] = 5.0, token: Optional[str] = None):
+                 clock_refresh: Optional[float] = 5.0, token: Optional[str] = None,
+                 server_ip: Optional[str] = None, port_num: Optional[int] = None,
+                 timeout_ms: Optional[float] = None, wait_for_server: bool = False, log_level: Any = None):
+        host = _compat.pick("host", host, "server_ip", server_ip, "localhost")
+        port = _compat.pick("port", port, "port_num", port_num, 6379)
+        timeout = _compat.timeout_from_ms(timeout, timeout_ms, DEFAULT_TIMEOUT)
+        _compat.apply_log_level(log_level)
+        if wait_for_server:
+            connect_timeout = _compat.WAIT_FOREVER_S
         super().__init__(host, port, timeout=timeout, connect_timeout=connect_timeout,
                          max_message_bytes=max_message_bytes, clocks_synchronized=clocks_synchronized,
                          clock_refresh=clock_refresh, token=token)

@@ -15,13 +15,14 @@ import inspect
 import logging
 import threading
 import time
+import types
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Collection, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Collection, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import errors
+from . import _compat, errors
 from ._base import DEFAULT_TIMEOUT, ClientBase, ServerBase, _check_port, _Subscription, wrap_future
 from .data.data_store import DataStoreBase
 from .edge import _check_keys, _compat_diff, _key_list
@@ -41,19 +42,39 @@ class TrainerConfig:
     custom request types of ``request()``; ``rate_limit``: most calls per
     second of ``request()`` and ``update()`` per client (None: no limit);
     ``version``: your compatibility tag. Client and server should use equal
-    configs (ports may differ); other keys or types raise HandshakeError."""
+    configs (ports may differ); other keys or types raise HandshakeError.
+
+    ``experimental_pipeline_port`` (agentlace) is accepted and checked, and
+    opens nothing: agentlace sent data there unacknowledged (a ZeroMQ
+    PUSH/PULL pipeline) to avoid a round trip per update; edgeml's
+    ``update()`` already pipelines its messages on the request connection
+    and has every item acknowledged, so no second port is needed. It is not
+    compared between client and server.
+
+    The fields are in agentlace's order (so ``TrainerConfig(5555, 5556,
+    ["stats"])`` means what it meant there); ``payload_keys``, from the
+    original edgeml, comes last: pass it by keyword."""
 
     port_number: int = 5555
     broadcast_port: Optional[int] = 5556
-    payload_keys: Optional[Collection[str]] = None
     request_types: Sequence[str] = ()
     rate_limit: Optional[float] = None
     version: str = "0.0.1"
+    experimental_pipeline_port: Optional[int] = None
+    payload_keys: Optional[Collection[str]] = None
 
     def __post_init__(self) -> None:
         _check_port(self.port_number, "port_number")
         if self.broadcast_port is not None:
             _check_port(self.broadcast_port, "broadcast_port")
+        p = self.experimental_pipeline_port
+        if p is not None:
+            try:
+                ok = not isinstance(p, bool) and 0 <= int(p) <= 65535 and float(p) == int(p)
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise ValueError(f"experimental_pipeline_port must be a port number or None, got {p!r}")
         if self.payload_keys is not None:
             _key_list(self.payload_keys, "payload_keys")
         _key_list(self.request_types, "request_types")
@@ -89,19 +110,25 @@ class TrainerServer(ServerBase):
     to that caller and the server goes on. ``publish_network(weights)``
     broadcasts to every subscribed client.
 
-    agentlace's order ``TrainerServer(config, data_callback, request_callback)``
-    works too: a two-argument function in second place is taken as the
-    data_callback (a train_step takes one argument).
+    agentlace's order ``TrainerServer(config, data_callback, request_callback,
+    log_level)`` works too: a two-argument function in second place is taken
+    as the data_callback (a train_step takes one argument), and a logging
+    level in fourth place as ``log_level`` (the level of the ``edgeml``
+    logger). ``data_stores`` is a read-only view of the registered stores.
     """
 
     _service = "trainer"
 
     def __init__(self, config: TrainerConfig, train_step: Optional[Callable[[Any], Any]] = None,
                  data_callback: Optional[Callable[[str, Any], Any]] = None,
-                 request_callback: Optional[Callable[[str, Any], Any]] = None, *, host: str = "0.0.0.0",
-                 max_message_bytes: Optional[int] = None, log_level: Any = None, token: Optional[str] = None):
+                 request_callback: Optional[Callable[[str, Any], Any]] = None, log_level: Any = None, *,
+                 host: str = "0.0.0.0", max_message_bytes: Optional[int] = None, token: Optional[str] = None):
         if not isinstance(config, TrainerConfig):
             raise TypeError(f"config must be a TrainerConfig, got {type(config).__name__}")
+        if log_level is None and isinstance(request_callback, (int, str)) and not isinstance(request_callback, bool):
+            # agentlace: TrainerServer(config, data_callback, request_callback, log_level)
+            log_level, request_callback = request_callback, None
+        _compat.apply_log_level(log_level)
         if train_step is not None and _takes_two_args(train_step):
             if data_callback is not None and request_callback is None:  # agentlace: (config, data_cb, request_cb)
                 request_callback = data_callback
@@ -136,7 +163,14 @@ class TrainerServer(ServerBase):
         self._stores = {**self._stores, name: store}
 
     def data_store(self, name: str) -> Optional[DataStoreBase]:
+        """The store registered under ``name``, or None."""
         return self._stores.get(name)
+
+    @property
+    def data_stores(self) -> Mapping[str, DataStoreBase]:
+        """The registered stores by name (read-only: ``register_data_store``
+        adds one)."""
+        return types.MappingProxyType(self._stores)
 
     def store_names(self) -> set:
         return set(self._stores)
@@ -146,7 +180,12 @@ class TrainerServer(ServerBase):
         pytree) to every client that called ``recv_network_callback``.
         Latest value only: a slow client gets the newest weights, never a
         backlog; one that subscribes later gets these at once. The value is
-        copied, so training may go on changing it. Returns its version."""
+        copied, so training may go on changing it. Returns its version.
+
+        Mappings arrive as plain dicts: a flax ``FrozenDict`` (or any
+        ``Mapping``) is received as a ``dict`` of the same keys and arrays;
+        ``flax.core.freeze(weights)`` gives the FrozenDict back (jax arrays
+        arrive as numpy arrays; ``jax.device_put`` moves them back)."""
         return self._publish(weights)
 
     def _hello_info(self) -> Any:
@@ -163,6 +202,8 @@ class TrainerServer(ServerBase):
             return self._train_step(payload)
         if method == "data":
             return self._on_data(payload)
+        if method == "cursor":
+            return self._on_cursor(payload)
         if method == "request":
             if not isinstance(payload, (list, tuple)) or len(payload) != 2 or not isinstance(payload[0], str):
                 raise errors.InvalidArgumentError("malformed request")
@@ -175,8 +216,20 @@ class TrainerServer(ServerBase):
                 raise errors.InvalidArgumentError("this TrainerServer has no request_callback")
             return self._request_callback(rtype, body)
         raise errors.UnknownInterfaceError(
-            f"a TrainerServer serves 'train_step', 'data' and 'request', not {method!r}",
-            ["data", "request", "train_step"])
+            f"a TrainerServer serves 'train_step', 'data', 'cursor' and 'request', not {method!r}",
+            ["cursor", "data", "request", "train_step"])
+
+    def _on_cursor(self, p: Any) -> int:
+        """The id of the newest item of store ``p["store"]`` this server holds
+        from session ``p["session"]`` (-1: none yet)."""
+        if not isinstance(p, dict) or not isinstance(p.get("session"), str) or not isinstance(p.get("store"), str):
+            raise errors.InvalidArgumentError("malformed cursor request")
+        name = p["store"]
+        if name not in self._stores and self._data_callback is None:
+            raise errors.UnknownDataStoreError(
+                f"no data store named {name!r} on this trainer; it has: "
+                f"{', '.join(map(repr, sorted(self._stores))) or 'none'} (register_data_store)")
+        return self._cursors.get((p["session"], name), -1)
 
     def _on_data(self, p: Any) -> dict:
         if not isinstance(p, dict):
@@ -248,6 +301,13 @@ class TrainerClient(ClientBase):
     True once the server has all of it; ``start_async_update(interval)``
     does that on a thread; ``stop()`` stops everything (after a last
     update). Every call raises a typed error on failure, never returns None.
+
+    agentlace's ``update_datastore(name, from_id, confirm_update=False)``
+    and ``get_server_last_update_id(name)`` are there, and the attributes
+    ``data_store`` (the store given as ``data_store=``, else None),
+    ``data_stores`` (every local store by name; also ``data_stores_map``)
+    and ``client_name``. ``log_level=`` sets the level of the ``edgeml``
+    logger; ``timeout_ms=`` is the call timeout in ms.
     """
 
     _service = "trainer"
@@ -259,7 +319,7 @@ class TrainerClient(ClientBase):
                  timeout: Optional[float] = DEFAULT_TIMEOUT, connect_timeout: float = 5.0,
                  wait_for_server: bool = False, timeout_ms: Optional[float] = None,
                  max_message_bytes: Optional[int] = None, port: Optional[int] = None,
-                 log_level: Any = None, token: Optional[str] = None):
+                 log_level: Any = None, token: Optional[str] = None, port_num: Optional[int] = None):
         args = list(args)
         if len(args) >= 2 and isinstance(args[1], TrainerConfig):      # (host, config, ...)
             host, config = args[0], args[1]
@@ -275,6 +335,7 @@ class TrainerClient(ClientBase):
             vals = dict(zip(opt, rest))
             data_store = vals.get("data_store", data_store)
             data_stores = vals.get("data_stores", data_stores)
+            log_level = vals.get("log_level", log_level)
             wait_for_server = vals.get("wait_for_server", wait_for_server)
             timeout_ms = vals.get("timeout_ms", timeout_ms)
         elif args:
@@ -287,8 +348,9 @@ class TrainerClient(ClientBase):
             raise TypeError("TrainerClient needs a host and a TrainerConfig")
         if not isinstance(config, TrainerConfig):
             raise TypeError(f"config must be a TrainerConfig, got {type(config).__name__}")
-        if timeout_ms is not None:
-            timeout = float(timeout_ms) / 1000.0
+        timeout = _compat.timeout_from_ms(timeout, timeout_ms, DEFAULT_TIMEOUT)
+        port = _compat.pick("port", port, "port_num", port_num)
+        _compat.apply_log_level(log_level)
         stores: Dict[str, DataStoreBase] = {}
         if data_store is not None:
             stores[name or "default"] = data_store
@@ -300,10 +362,11 @@ class TrainerClient(ClientBase):
             if not callable(getattr(v, "get_latest_data", None)) or not callable(getattr(v, "latest_data_id", None)):
                 raise TypeError(f"data store {k!r} must be a DataStoreBase, got {type(v).__name__}")
         super().__init__(host, config.port_number if port is None else port, timeout=timeout,
-                         connect_timeout=(365 * 86400.0 if wait_for_server else connect_timeout),
+                         connect_timeout=(_compat.WAIT_FOREVER_S if wait_for_server else connect_timeout),
                          max_message_bytes=max_message_bytes, token=token)
         self.config = config
         self.name = name
+        self.data_store = data_store
         self.session = uuid.uuid4().hex
         self._connect_timeout = connect_timeout
         self._stores = stores
@@ -378,36 +441,88 @@ class TrainerClient(ClientBase):
         complete = True
         with self._sync_lock:
             for name, store in self._stores.items():
-                acked = self._acked[name]
-                if hasattr(store, "get_data_since"):
-                    items, last_id = store.get_data_since(acked)
-                else:  # a foreign store with the agentlace methods only
-                    items, last_id = DataStoreBase.get_data_since(store, acked)
-                if not items:
-                    continue
-                first = last_id - len(items) + 1
-                if first > acked + 1:
-                    self.items_dropped_locally += first - acked - 1
-                    log.warning("data store %r dropped %d items before they could be sent (it holds %d); "
-                                "increase its capacity or update more often", name, first - acked - 1,
-                                getattr(store, "capacity", len(items)))
-                # chunks of about _CHUNK_BYTES, sized from the first item (walking
-                # every item costs more than a round trip for small batches)
-                per_chunk = max(1, min(_CHUNK_ITEMS, _CHUNK_BYTES // max(1, _approx_nbytes(items[0]))))
-                i = 0
-                while i < len(items):
-                    n = min(per_chunk, len(items) - i)
-                    chunk = items[i:i + n]
-                    rep = self._request("data", {"session": self.session, "store": name, "first": first + i,
-                                                 "items": chunk}, timeout)
-                    cursor = rep.get("cursor", -1) if isinstance(rep, dict) else -1
-                    if cursor < first + i + n - 1:
-                        raise errors.ProtocolError(f"the trainer did not acknowledge data for store {name!r}")
-                    self._acked[name] = cursor
-                    self.items_sent += int(rep.get("stored", 0))
-                    i += n
+                last_id = self._send_store(name, store, self._acked[name], timeout)
                 complete = complete and self._acked[name] >= last_id
         return complete
+
+    def _send_store(self, name: str, store: Any, from_id: int, timeout: Optional[float]) -> int:
+        """Send the items of ``store`` after ``from_id`` as store ``name``, in
+        acknowledged chunks; returns the id of the newest item taken (the
+        caller holds ``_sync_lock``)."""
+        if hasattr(store, "get_data_since"):
+            items, last_id = store.get_data_since(from_id)
+        else:  # a foreign store with the agentlace methods only
+            items, last_id = DataStoreBase.get_data_since(store, from_id)
+        if not items:
+            return last_id
+        first = last_id - len(items) + 1
+        if first > from_id + 1:
+            self.items_dropped_locally += first - from_id - 1
+            log.warning("data store %r dropped %d items before they could be sent (it holds %d); "
+                        "increase its capacity or update more often", name, first - from_id - 1,
+                        getattr(store, "capacity", len(items)))
+        # chunks of about _CHUNK_BYTES, sized from the first item (walking
+        # every item costs more than a round trip for small batches)
+        per_chunk = max(1, min(_CHUNK_ITEMS, _CHUNK_BYTES // max(1, _approx_nbytes(items[0]))))
+        i = 0
+        while i < len(items):
+            n = min(per_chunk, len(items) - i)
+            chunk = items[i:i + n]
+            rep = self._request("data", {"session": self.session, "store": name, "first": first + i,
+                                         "items": chunk}, timeout)
+            cursor = rep.get("cursor", -1) if isinstance(rep, dict) else -1
+            if cursor < first + i + n - 1:
+                raise errors.ProtocolError(f"the trainer did not acknowledge data for store {name!r}")
+            self._acked[name] = max(self._acked.get(name, -1), cursor)
+            self.items_sent += int(rep.get("stored", 0))
+            i += n
+        return last_id
+
+    def update_datastore(self, name: str, from_id: int, confirm_update: bool = False,
+                         timeout: Optional[float] = None) -> bool:
+        """agentlace's explicit update: send the items of local store ``name``
+        with ids after ``from_id`` (usually ``get_server_last_update_id(name)``).
+        Returns True once the server acknowledged them (also when there was
+        nothing to send); with ``confirm_update`` it asks the server's cursor
+        afterwards and returns whether it reached the store's newest id.
+        Items the server already holds are dropped there, never stored twice.
+        Raises (UnknownDataStoreError for a name this client has no store
+        for, RateLimitError, connection errors) where agentlace returned False."""
+        if isinstance(from_id, bool) or not isinstance(from_id, (int, np.integer)):
+            raise TypeError(f"from_id must be an int, got {from_id!r}")
+        store = self._stores.get(name)
+        if store is None:
+            raise errors.UnknownDataStoreError(
+                f"this TrainerClient has no data store named {name!r}; it has: "
+                f"{', '.join(map(repr, sorted(self._stores))) or 'none'}")
+        self._rate_check(wait=False)
+        with self._sync_lock:
+            last_id = self._send_store(name, store, int(from_id), timeout)
+        if confirm_update:
+            return self.get_server_last_update_id(name, timeout) >= last_id
+        return True
+
+    def get_server_last_update_id(self, name: str, timeout: Optional[float] = None) -> int:
+        """The id of the newest item of this client's store ``name`` that the
+        server holds (-1: none yet). Per client session: another actor's
+        data under the same name does not count. Raises
+        UnknownDataStoreError when the server has no such store (agentlace
+        returned None)."""
+        if not isinstance(name, str):
+            raise TypeError(f"store name must be a str, got {name!r}")
+        return int(self._request("cursor", {"session": self.session, "store": name}, timeout))
+
+    @property
+    def data_stores(self) -> Mapping[str, DataStoreBase]:
+        """The local data stores by name (read-only)."""
+        return types.MappingProxyType(self._stores)
+
+    data_stores_map = data_stores  # agentlace's attribute name
+
+    @property
+    def client_name(self) -> Optional[str]:
+        """agentlace's name for ``name``."""
+        return self.name
 
     def start_async_update(self, interval: float = 10.0) -> None:
         """Call ``update()`` every ``interval`` seconds on a daemon thread
@@ -504,3 +619,176 @@ class TrainerClient(ClientBase):
     def __repr__(self) -> str:
         stores = f" stores={sorted(self._stores)}" if getattr(self, "_stores", None) else ""
         return super().__repr__()[:-1] + stores + ">"
+
+
+class TrainerSMInterface:
+    """The in-process stand-in for a TrainerServer and its TrainerClient
+    (agentlace's ``TrainerSMInterface``, once ``TrainerTunnel``): actor and
+    learner in one process, as threads sharing one data store, keep the code
+    written for the two sides and pass this object to both.
+
+    It has the method names of both sides: the learner's
+    ``publish_network``, ``register_request_callback``,
+    ``register_data_store``, ``data_store``, ``store_names``, ``start``; the
+    actor's ``recv_network_callback``, ``latest_network``, ``request``,
+    ``train_step``, ``update``, ``update_datastore``,
+    ``get_server_last_update_id``, ``start_async_update``; and ``stop``.
+
+    Nothing is copied or sent: ``publish_network(params)`` calls every
+    registered callback with ``params`` itself, on the publishing thread, and
+    a callback registered later is called with the latest params at once
+    (as a real subscription would be). ``update()`` has nothing to do (the
+    store is shared) and returns True. ``request`` and ``train_step`` call
+    the learner's callbacks on the caller's thread and raise like the real
+    client does: UnknownRequestTypeError for a type outside
+    ``config.request_types`` (when a config is given) and
+    InvalidArgumentError when no callback is registered, where agentlace
+    returned None.
+    """
+
+    def __init__(self, config: Optional[TrainerConfig] = None, train_step: Optional[Callable[[Any], Any]] = None,
+                 request_callback: Optional[Callable[[str, Any], Any]] = None):
+        if config is not None and not isinstance(config, TrainerConfig):
+            raise TypeError(f"config must be a TrainerConfig or None, got {type(config).__name__}")
+        for what, cb in (("train_step", train_step), ("request_callback", request_callback)):
+            if cb is not None and not callable(cb):
+                raise TypeError(f"{what} must be callable or None, got {cb!r}")
+        self.config = config
+        self._train_step = train_step
+        self._request_callback = request_callback
+        self._callbacks: list = []
+        self._stores: Dict[str, DataStoreBase] = {}
+        self._cv = threading.Condition()
+        self._latest: Any = None
+        self._version = 0
+        self._stopped = False
+
+    # -- the learner's side
+    def publish_network(self, params: Any) -> int:
+        """Hand ``params`` to every network callback; returns its version."""
+        with self._cv:
+            if self._stopped:
+                raise errors.ClosedError("TrainerSMInterface is stopped; cannot publish")
+            self._version += 1
+            self._latest = params
+            version = self._version
+            callbacks = list(self._callbacks)
+            self._cv.notify_all()
+        for cb in callbacks:
+            cb(params)
+        return version
+
+    def register_request_callback(self, callback: Callable[[str, Any], Any]) -> None:
+        """The learner's ``request_callback(type, payload)``."""
+        if not callable(callback):
+            raise TypeError(f"callback must be callable, got {callback!r}")
+        self._request_callback = callback
+
+    def register_train_step(self, callback: Callable[[Any], Any]) -> None:
+        """The learner's ``train_step(payload)``."""
+        if not callable(callback):
+            raise TypeError(f"callback must be callable, got {callback!r}")
+        self._train_step = callback
+
+    def register_data_store(self, name: str, store: DataStoreBase) -> None:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"store name must be a non-empty str, got {name!r}")
+        self._stores = {**self._stores, name: store}
+
+    def data_store(self, name: str) -> Optional[DataStoreBase]:
+        return self._stores.get(name)
+
+    @property
+    def data_stores(self) -> Mapping[str, DataStoreBase]:
+        return types.MappingProxyType(self._stores)
+
+    def store_names(self) -> set:
+        return set(self._stores)
+
+    def start(self, threaded: bool = False) -> None:
+        """Nothing to start (agentlace: a no-op); returns at once."""
+
+    # -- the actor's side
+    def recv_network_callback(self, callback: Callable[[Any], Any]) -> None:
+        """Call ``callback(params)`` on each ``publish_network``; at once
+        with the latest params when some were published already."""
+        if not callable(callback):
+            raise TypeError(f"callback must be callable, got {callback!r}")
+        with self._cv:
+            self._callbacks.append(callback)
+            have, latest = self._version > 0, self._latest
+        if have:
+            callback(latest)
+
+    def latest_network(self, timeout: Optional[float] = None, after_version: int = 0) -> Any:
+        """The latest params published after ``after_version``, waiting up to
+        ``timeout`` seconds (EdgeMLTimeoutError if none)."""
+        with self._cv:
+            if not self._cv.wait_for(lambda: self._version > after_version or self._stopped, timeout):
+                raise errors.EdgeMLTimeoutError(f"no network published within {timeout} s")
+            if self._version <= after_version:
+                raise errors.ClosedError("TrainerSMInterface is stopped")
+            return self._latest
+
+    @property
+    def network_version(self) -> int:
+        return self._version
+
+    def request(self, type: str, payload: Any = None, timeout: Optional[float] = None) -> Any:
+        """The learner's ``request_callback(type, payload)``, called here."""
+        if self.config is not None and type not in self.config.request_types:
+            raise errors.UnknownRequestTypeError(
+                f"{type!r} is not one of the config's request_types: "
+                f"{', '.join(map(repr, self.config.request_types)) or 'none'}", self.config.request_types)
+        if self._request_callback is None:
+            raise errors.InvalidArgumentError(
+                "this TrainerSMInterface has no request_callback (register_request_callback)")
+        return self._request_callback(type, payload)
+
+    def train_step(self, payload: Any, timeout: Optional[float] = None) -> Any:
+        if self._train_step is None:
+            raise errors.InvalidArgumentError("this TrainerSMInterface has no train_step (register_train_step)")
+        return self._train_step(payload)
+
+    def update(self, timeout: Optional[float] = None) -> bool:
+        """Nothing to send: actor and learner share the store. True."""
+        return True
+
+    def update_datastore(self, name: str, from_id: int, confirm_update: bool = False,
+                         timeout: Optional[float] = None) -> bool:
+        return True
+
+    def get_server_last_update_id(self, name: str, timeout: Optional[float] = None) -> int:
+        """The newest id of the shared store ``name`` (-1 when empty or when
+        no store of that name was registered here)."""
+        store = self._stores.get(name)
+        return -1 if store is None else int(store.latest_data_id())
+
+    def start_async_update(self, interval: float = 10.0) -> None:
+        """Nothing to do (shared store)."""
+
+    def stop_async_update(self) -> None:
+        """Nothing to do (shared store)."""
+
+    def stop(self, *args: Any, **kwargs: Any) -> None:
+        """No more publishes are delivered; ``latest_network`` waiters wake
+        with ClosedError. Idempotent."""
+        with self._cv:
+            self._stopped = True
+            self._callbacks = []
+            self._cv.notify_all()
+
+    close = stop
+
+    def __enter__(self) -> "TrainerSMInterface":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return (f"<TrainerSMInterface version={self._version} callbacks={len(self._callbacks)} "
+                f"stores={sorted(self._stores)}{' stopped' if self._stopped else ''}>")
+
+
+TrainerTunnel = TrainerSMInterface  # its name in edgeml before agentlace

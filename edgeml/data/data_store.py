@@ -132,5 +132,16 @@ class QueuedDataStore(DataStoreBase):
         with self._lock:
             return len(self._items)
 
+    # agentlace's attribute names (its tests read them): read-only here
+    @property
+    def latest_seq_id(self) -> int:
+        return self.latest_data_id()
+
+    @property
+    def _data_queue(self) -> Tuple[Any, ...]:
+        """A snapshot of the items held, oldest first."""
+        with self._lock:
+            return tuple(self._items)
+
     def __repr__(self) -> str:
         return f"<QueuedDataStore {len(self)}/{self.capacity} latest_id={self.latest_data_id()}>"
