@@ -80,6 +80,25 @@ def _stop_running_servers() -> None:
 _NOTHING = object()
 
 
+def _check_timeout(t: Any, what: str = "timeout") -> float:
+    """Seconds as the core takes them: None (and math.inf) mean no limit
+    (-1.0 and inf); NaN and negatives are refused."""
+    if t is None:
+        return -1.0
+    try:
+        v = float(t)
+    except (TypeError, ValueError):
+        raise TypeError(f"{what} must be a number of seconds or None, got {t!r}") from None
+    if v != v or v < 0:
+        raise ValueError(f"{what} must be >= 0 seconds (or None / math.inf for no limit), got {t!r}")
+    return v
+
+
+def _join_timeout(t: Optional[float]) -> Optional[float]:
+    """A timeout for threading's waits, which take None but not inf."""
+    return None if t is None or _check_timeout(t) == float("inf") else float(t)
+
+
 def _check_port(port: Any, what: str = "port") -> int:
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise ValueError(f"{what} must be an int in 0..65535, got {port!r}")
@@ -100,10 +119,14 @@ class ServerBase:
 
     def __init__(self, port: int, host: str = "0.0.0.0", *, max_message_bytes: Optional[int] = None,
                  broadcast_port: Optional[int] = None, token: Optional[str] = None,
-                 handshake_timeout: float = 10.0):
+                 handshake_timeout: float = 10.0, max_pending_bytes: Optional[int] = None):
         _check_port(port)
         if not float(handshake_timeout) > 0:
             raise ValueError(f"handshake_timeout must be > 0 seconds, got {handshake_timeout!r}")
+        if max_pending_bytes is not None and (isinstance(max_pending_bytes, bool) or
+                                              not isinstance(max_pending_bytes, int) or max_pending_bytes <= 0):
+            raise ValueError(f"max_pending_bytes must be a positive int or None, got {max_pending_bytes!r}")
+        self._max_pending_bytes = int(max_pending_bytes or 0)
         self._token = resolve_token(token)
         self._handshake_timeout = float(handshake_timeout)
         if broadcast_port is not None:
@@ -182,7 +205,8 @@ class ServerBase:
                     hello = _hello_bytes(info)
                 self._core = _core.Server(self._host, self._requested_port, self._service, self._dispatch,
                                           _format_error, _log_from_core, hello, self._max_message_bytes,
-                                          self._routes(), self._token, self._handshake_timeout)
+                                          self._routes(), self._token, self._handshake_timeout,
+                                          self._max_pending_bytes)
             except BaseException:
                 if bcast is not None:
                     bcast.close()
@@ -230,9 +254,9 @@ class ServerBase:
             t, self._bcast_thread = self._bcast_thread, None
             if b is None:
                 return
-            finished = b.stop(-1.0 if timeout is None else float(timeout))
+            finished = b.stop(_check_timeout(timeout))
             if t is not None and t is not threading.current_thread():
-                t.join(timeout)
+                t.join(_join_timeout(timeout))
             if finished and (t is None or not t.is_alive()):
                 b.close()
 
@@ -259,13 +283,13 @@ class ServerBase:
         core = self._core
         if core is None or self._state != "running":
             return
-        finished = core.stop(-1.0 if timeout is None else float(timeout))
+        finished = core.stop(_check_timeout(timeout))
         if core.on_loop_thread():
             return  # from a handler: the serving thread stops the rest after it
         self._stop_broadcaster(timeout)
         t = self._thread
         if t is not None and t is not threading.current_thread() and finished:
-            t.join(timeout)
+            t.join(_join_timeout(timeout))
 
     def __enter__(self):
         if self._state != "running":
@@ -392,7 +416,8 @@ class _Subscription:
         """The newest value with a version above ``after_version``, waiting up
         to ``timeout`` seconds for one (EdgeMLTimeoutError if none)."""
         with self._cv:
-            if not self._cv.wait_for(lambda: self.version > after_version or self._closed, timeout):
+            if not self._cv.wait_for(lambda: self.version > after_version or self._closed,
+                                     _join_timeout(timeout)):
                 raise errors.EdgeMLTimeoutError(
                     f"no {self.what} from {self.host}:{self.port} within {timeout} s")
             if self.version <= after_version:
@@ -505,19 +530,11 @@ class ClientBase:
 
     @timeout.setter
     def timeout(self, value: Optional[float]) -> None:
-        if value is not None and float(value) < 0:
-            raise ValueError(f"timeout must be >= 0 or None, got {value}")
+        self._timeout_s = _check_timeout(value)  # as core.call takes it
         self._timeout_default = value
-        self._timeout_s = -1.0 if value is None else float(value)  # as core.call takes it
 
     def _timeout(self, timeout: Optional[float]) -> float:
-        t = self.timeout if timeout is None else timeout
-        if t is None:
-            return -1.0
-        t = float(t)
-        if t < 0:
-            raise ValueError(f"timeout must be >= 0 or None, got {t}")
-        return t
+        return _check_timeout(self.timeout if timeout is None else timeout)
 
     def _request(self, method: str, payload: Any, timeout: Optional[float] = None) -> Any:
         core = self._core

@@ -347,6 +347,9 @@ static int em__request(em_client *c, uint8_t type, em_payload *p, uint64_t timeo
     em__cond_wait_until(&c->cv, &c->mu, deadline);
   }
 out:
+  /* a connection error caused by close (its shutdown of the socket) is
+   * reported as what it is */
+  if (c->closed && rc != EM_OK && rc != EM_EREMOTE && rc != EM_EINTR) rc = EM_ECLOSED;
   if (slot.id) { /* unlink */
     if (slot.prev) slot.prev->next = slot.next;
     else if (c->slots == &slot) c->slots = slot.next;
