@@ -181,3 +181,44 @@ def test_setup_sh_refuses_an_unknown_mode(fake_checkout):
     co, run, _ = fake_checkout
     r, _ = run("everything")
     assert r.returncode == 2 and "usage: scripts/setup.sh [demo|test]" in r.stderr
+
+
+# --------------------------------------------------------- make install (C)
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("on_path", [False, True])
+def test_make_install_updates_the_loader_cache(tmp_path, on_path):
+    """`make -C csrc install` as root runs ldconfig itself, and says what to
+    do where the prefix is not on the loader's path; the real ldconfig is
+    replaced by a recorder so the test leaves the system alone."""
+    if shutil.which("make") is None or shutil.which("cc") is None:
+        pytest.skip("needs make and a C compiler")
+    prefix, fake = tmp_path / "prefix", tmp_path / "bin"
+    fake.mkdir()
+    cache = f"\tlibedgeml.so (libc6,x86-64) => {prefix}/lib/libedgeml.so" if on_path else ""
+    (fake / "ldconfig").write_text(f'#!/bin/bash\necho "ldconfig $*" >> {tmp_path}/ldconfig.log\n'
+                                   f'[ "$1" = -p ] && printf "%s\\n" "{cache}"\nexit 0\n')
+    (fake / "ldconfig").chmod(0o755)
+    r = subprocess.run(["make", "-s", "-C", os.path.join(ROOT, "csrc"), "install", f"PREFIX={prefix}",
+                        f"BUILD={tmp_path / 'build'}", "-j4"], capture_output=True, text=True, timeout=280,
+                       env={**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    for f in ("lib/libedgeml.so", "lib/libedgeml.a", "include/edgeml.h", "lib/pkgconfig/edgeml.pc"):
+        assert (prefix / f).exists(), f
+    log = (tmp_path / "ldconfig.log").read_text() if (tmp_path / "ldconfig.log").exists() else ""
+    if os.geteuid() != 0:
+        assert log == "" and "run ldconfig as root" in r.stdout
+        return
+    assert log.splitlines()[0] == "ldconfig "  # the cache rebuilt, as root
+    note = "is not on the loader's path" in r.stdout
+    assert note != on_path
+    if note:
+        assert f"LD_LIBRARY_PATH={prefix}/lib" in r.stdout
+    # a staged install (DESTDIR, for packaging) leaves the cache to the package manager
+    os.remove(tmp_path / "ldconfig.log")
+    r = subprocess.run(["make", "-s", "-C", os.path.join(ROOT, "csrc"), "install", "PREFIX=/usr/local",
+                        f"DESTDIR={tmp_path / 'stage'}", f"BUILD={tmp_path / 'build'}"], capture_output=True,
+                       text=True, timeout=280, env={**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (tmp_path / "stage" / "usr" / "local" / "lib" / "libedgeml.so").exists()
+    assert not (tmp_path / "ldconfig.log").exists() and "note" not in r.stdout
