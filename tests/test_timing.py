@@ -2,6 +2,8 @@
 the clock-offset estimate under a known skew, and links with known delay
 and bandwidth."""
 import math
+import os
+import subprocess
 import threading
 import time
 
@@ -149,7 +151,49 @@ def test_asymmetric_delay_one_way_figures(make_server, make_client, cleanup):
     assert clock["basis"] == BASIS_ESTIMATED and "symmetric" in clock["basis"]
 
 
-_netns_ok, _netns_why = ShapedNetns.available()
+def _setup_failed(e: subprocess.CalledProcessError) -> str:
+    cmd = " ".join(map(str, e.cmd))
+    return (f"cannot set up a shaped veth pair into a network namespace: `{cmd}` failed (exit {e.returncode}): "
+            f"{(e.stderr or '').strip() or 'no stderr'}")
+
+
+def netns_check():
+    """Whether a network namespace joined by a tbf-shaped veth pair can be
+    made here (root, iproute2, and a kernel and container that allow netns,
+    veth and tbf), and if not, why: the failing command and its stderr."""
+    ok, why = ShapedNetns.available()
+    if not ok:
+        return ok, why
+    try:
+        ShapedNetns(rate_mbit=40.0, tag=f"probe{os.getpid()}").close()
+    except subprocess.CalledProcessError as e:
+        return False, _setup_failed(e)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return False, f"cannot set up a shaped veth pair into a network namespace: {e}"
+    return True, ""
+
+
+_netns_ok, _netns_why = netns_check()
+
+
+def test_netns_check_says_why_with_the_commands_stderr(tmp_path, monkeypatch):
+    """Where veth pairs are not allowed (a container without the right
+    capabilities), the shaped-link test is skipped with the command that
+    failed and what it printed."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "ip").write_text('#!/bin/bash\nif [ "$1" = link ] && [ "$2" = add ]; then\n'
+                             '  echo "RTNETLINK answers: Operation not permitted" >&2; exit 2\nfi\nexit 0\n')
+    (fake / "tc").write_text("#!/bin/bash\nexit 0\n")
+    for f in ("ip", "tc"):
+        (fake / f).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    ok, why = netns_check()
+    assert not ok
+    if os.geteuid() != 0:
+        assert "needs root" in why
+    else:
+        assert "`ip link add" in why and "type veth" in why and "Operation not permitted" in why
 
 
 @pytest.mark.skipif(not _netns_ok, reason=_netns_why)
@@ -158,7 +202,10 @@ def test_bandwidth_limit_on_a_veth_pair(server_process, make_client, cleanup):
     1 MB upload and a 1 MB download each take about 200 ms one way, and the
     round trip and throughput come out as configured."""
     rate = 40.0
-    ns = cleanup(ShapedNetns(rate_mbit=rate))
+    try:
+        ns = cleanup(ShapedNetns(rate_mbit=rate))
+    except subprocess.CalledProcessError as e:
+        pytest.fail(_setup_failed(e))
     sp = server_process(
         "s.register_interface('echo', lambda p: p)\n"
         "s.register_interface('give', lambda n: np.ones(n, np.uint8))\n",
