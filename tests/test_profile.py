@@ -327,3 +327,16 @@ def test_progress_in_a_notebook_uses_tqdm_auto(monkeypatch):
     bar = profile.Progress(5, "profile")
     assert not made and bar.bar is not None and type(bar.bar).__name__ == "tqdm"
     bar.close()
+
+
+def test_cli_without_matplotlib_writes_the_numbers_and_says_how_to_get_plots(tmp_path, cleanup):
+    server = cleanup(profile.serve("echo", port=0, host="127.0.0.1", threaded=True))
+    code = ("import sys; sys.modules['matplotlib'] = None\n"
+            "from edgeml.cli import main\n"
+            f"sys.exit(main(['profile', 'client', '--host', '127.0.0.1', '--port', '{server.port}', '--iterations',"
+            f" '5', '--warmup', '0', '--quiet', '--sensor', 'random_bytes:10', '--out', {str(tmp_path)!r}]))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=scaled(60))
+    assert r.returncode == 0, r.stderr
+    assert "no plots" in r.stderr and 'pip install -e ".[profile]"' in r.stderr
+    assert "p50 ms" in r.stdout
+    assert (tmp_path / "profile.json").exists() and not (tmp_path / "stages.png").exists()
