@@ -222,3 +222,23 @@ def test_make_install_updates_the_loader_cache(tmp_path, on_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert (tmp_path / "stage" / "usr" / "local" / "lib" / "libedgeml.so").exists()
     assert not (tmp_path / "ldconfig.log").exists() and "note" not in r.stdout
+
+
+def test_docs_never_install_edgeml_from_the_index():
+    """PyPI's `edgeml` is another project: extras install from the checkout
+    (pip install -e ".[bench]"), never as pip install "edgeml[...]"."""
+    import re
+    bad = re.compile(r"""pip3?\s+install\s+(-U\s+|--upgrade\s+)?["']?edgeml\b""")
+    found = []
+    for top in ("README.md", "docs", "edgeml", "examples", "scripts", "bench", "csrc"):
+        path = os.path.join(ROOT, top)
+        files = [path] if os.path.isfile(path) else [os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs]
+        for f in files:
+            if not f.endswith((".md", ".py", ".sh", ".txt", ".ipynb", ".toml")) and "bench" not in f:
+                continue
+            try:
+                text = open(f, encoding="utf-8").read()
+            except (UnicodeDecodeError, OSError):
+                continue
+            found += [f"{os.path.relpath(f, ROOT)}: {m.group(0)}" for m in bad.finditer(text)]
+    assert not found
