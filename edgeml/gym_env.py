@@ -93,7 +93,8 @@ def encode_space(space: Any, _path: str = "space") -> Dict[str, Any]:
             items.append([k, encode_space(sub, f"{_path}[{k!r}]")])
         return {SPACE_TAG: "Dict", "spaces": items}
     if t is _spaces.Tuple:
-        return {SPACE_TAG: "Tuple", "spaces": [encode_space(sub, f"{_path}[{i}]") for i, sub in enumerate(space.spaces)]}
+        return {SPACE_TAG: "Tuple",
+                "spaces": [encode_space(sub, f"{_path}[{i}]") for i, sub in enumerate(space.spaces)]}
     if t is _spaces.Text:
         chars = getattr(space, "character_list", None)
         chars = "".join(chars) if chars is not None else "".join(sorted(space.character_set))
