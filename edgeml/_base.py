@@ -119,10 +119,13 @@ class ServerBase:
 
     def __init__(self, port: int, host: str = "0.0.0.0", *, max_message_bytes: Optional[int] = None,
                  broadcast_port: Optional[int] = None, token: Optional[str] = None,
-                 handshake_timeout: float = 10.0, max_pending_bytes: Optional[int] = None):
+                 handshake_timeout: float = 10.0, max_pending_bytes: Optional[int] = None,
+                 progress_timeout: float = 30.0):
         _check_port(port)
-        if not float(handshake_timeout) > 0:
-            raise ValueError(f"handshake_timeout must be > 0 seconds, got {handshake_timeout!r}")
+        for name, v in (("handshake_timeout", handshake_timeout), ("progress_timeout", progress_timeout)):
+            if not _check_timeout(v, name) > 0:
+                raise ValueError(f"{name} must be > 0 seconds, got {v!r}")
+        self._progress_timeout = float(progress_timeout)
         if max_pending_bytes is not None and (isinstance(max_pending_bytes, bool) or
                                               not isinstance(max_pending_bytes, int) or max_pending_bytes <= 0):
             raise ValueError(f"max_pending_bytes must be a positive int or None, got {max_pending_bytes!r}")
@@ -206,7 +209,7 @@ class ServerBase:
                 self._core = _core.Server(self._host, self._requested_port, self._service, self._dispatch,
                                           _format_error, _log_from_core, hello, self._max_message_bytes,
                                           self._routes(), self._token, self._handshake_timeout,
-                                          self._max_pending_bytes)
+                                          self._max_pending_bytes, self._progress_timeout)
             except BaseException:
                 if bcast is not None:
                     bcast.close()

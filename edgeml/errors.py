@@ -148,11 +148,12 @@ CODE_TO_ERROR = {
 }
 
 # Errors raised inside a server that travel back to the caller as themselves
-# (by their wire name) rather than as RemoteError.
+# (by their wire name) rather than as RemoteError. HandshakeError is not
+# among them: only the handshake itself (in C) can refuse a connection, so a
+# call's ERROR reply naming it arrives as a RemoteError.
 _WIRE_ERRORS = {
     "edgeml.UnknownInterfaceError": UnknownInterfaceError,
     "edgeml.DecodeError": DecodeError,
-    "HandshakeError": HandshakeError,
     "edgeml.InvalidKeyError": InvalidKeyError,
     "edgeml.UnknownRequestTypeError": UnknownRequestTypeError,
     "edgeml.UnknownDataStoreError": UnknownDataStoreError,

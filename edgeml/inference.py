@@ -26,10 +26,11 @@ class InferenceServer(ServerBase):
     def __init__(self, port_num: int = 6379, host: str = "0.0.0.0", *,
                  max_message_bytes: Optional[int] = None, token: Optional[str] = None,
                  handshake_timeout: float = 10.0, log_level: Any = None,
-                 max_pending_bytes: Optional[int] = None):
+                 max_pending_bytes: Optional[int] = None, progress_timeout: float = 30.0):
         _compat.apply_log_level(log_level)
         super().__init__(port_num, host, max_message_bytes=max_message_bytes, token=token,
-                         handshake_timeout=handshake_timeout, max_pending_bytes=max_pending_bytes)
+                         handshake_timeout=handshake_timeout, max_pending_bytes=max_pending_bytes,
+                         progress_timeout=progress_timeout)
         self._interfaces: Dict[str, Callable[[Any], Any]] = {}
 
     def register_interface(self, name: str, fn: Callable[[Any], Any]) -> None:

@@ -230,6 +230,10 @@ int em_client_open(em_client **out, const char *host, uint16_t port,
  * Thread-safe: calls from several threads are multiplexed on the connection
  * by request id; the calling thread does its own I/O (no handoff when it is
  * the only call in flight). Blocks up to timeout_ns.
+ * Only replies that can answer `type` are accepted: REPLY or ERROR for a
+ * REQUEST, PONG for a PING, REPLY, OK or ERROR for other types; any other
+ * frame (a PUBLISH, a HELLO, an OK to a REQUEST...) closes the connection
+ * and fails the calls on it with EPROTO.
  * On EM_OK *reply is a REPLY/OK/PONG message owned by the caller; on
  * EM_EREMOTE it is the ERROR message (its body is a map with "type",
  * "message", "traceback"); on any other code *reply is NULL.
@@ -380,6 +384,12 @@ typedef struct em_server_opts {
                                   "" = none. Copied at open. */
   uint64_t handshake_timeout_ns; /* close connections that have not finished
                                     the handshake after this; 0 = 10 s */
+  uint64_t progress_timeout_ns; /* after the handshake, close a connection
+                                   whose frame in progress has not advanced
+                                   by 64 KiB (or completed) within this: a
+                                   peer trickling bytes to hold memory and a
+                                   connection. Connections idle between
+                                   frames are not affected. 0 = 30 s */
   uint64_t max_pending_bytes;  /* memory budget for frames still being
                                   received, all connections together: a
                                   frame over 64 KiB that does not fit waits
@@ -429,6 +439,7 @@ typedef struct em_server_stats {
   uint64_t pending_bytes;   /* held now in frames still being received */
   uint64_t max_pending_bytes; /* the budget for them */
   uint64_t reads_paused;    /* times a connection waited for that budget */
+  uint64_t stalled_closed;  /* connections closed by progress_timeout */
 } em_server_stats;
 void em_server_get_stats(const em_server *s, em_server_stats *st);
 

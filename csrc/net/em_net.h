@@ -73,6 +73,14 @@ uint8_t *em__conn_scratch(em__conn *c);    /* 32 bytes for the layer above */
 #define EM__HANDSHAKE_MAX_FRAME (64u * 1024u)
 void em__conn_open_up(em__conn *c);
 uint64_t em__conn_age_ns(const em__conn *c); /* since accept */
+/* True when c is in the middle of a frame, is being read (not paused by
+ * the server), and has not advanced it by EM__PROGRESS_BYTES within
+ * timeout_ns: a peer trickling a frame to hold a connection (loop thread). */
+#define EM__PROGRESS_BYTES (64u * 1024u)
+bool em__conn_stalled(const em__conn *c, uint64_t now_mono, uint64_t timeout_ns);
+/* The loop was busy (a long handler) for gap_ns: bytes may have waited in
+ * the kernel unread, so that time does not count against any peer. */
+void em__listener_forgive(em__listener *l, uint64_t gap_ns);
 bool em__conn_closing(const em__conn *c);  /* em__conn_close was called */
 /* Broadcast state of a connection, for the layer above (loop thread). */
 typedef struct em__conn_sub {

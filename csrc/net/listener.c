@@ -29,6 +29,9 @@ struct em__conn {
   int state;               /* for the layer above (handshake) */
   em__conn_sub sub;        /* for the layer above (broadcast) */
   uint64_t accepted_mono;  /* em_mono_ns() at accept */
+  uint64_t progress_mono;  /* last time its frame in progress advanced by
+                              EM__PROGRESS_BYTES, or it was between frames */
+  uint64_t progress_bytes; /* read since progress_mono */
   uint8_t scratch[32];     /* for the layer above (handshake nonces) */
   char peer[64];
   em__conn *prev, *next;   /* l->conns list */
@@ -161,7 +164,11 @@ static void em__resume_reading(em__conn *c) {
   if (!c->reading && !c->closing && !c->close_after_writes && !c->mem_wait &&
       uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp) < EM__MAX_WRITE_QUEUE &&
       !atomic_load(&c->l->stop_requested)) {
-    if (uv_read_start((uv_stream_t *)&c->tcp, em__alloc_cb, em__read_cb) == 0) c->reading = true;
+    if (uv_read_start((uv_stream_t *)&c->tcp, em__alloc_cb, em__read_cb) == 0) {
+      c->reading = true;
+      c->progress_mono = em_mono_ns(); /* a pause of ours is not the peer's stall */
+      c->progress_bytes = 0;
+    }
   }
 }
 
@@ -181,8 +188,22 @@ static void em__read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
   }
   if (nread == 0) return;
   em__reader_commit(&c->reader, (size_t)nread);
+  c->progress_bytes += (uint64_t)nread;
   em__conn_process(c);
+  if (c->progress_bytes >= EM__PROGRESS_BYTES || !em__reader_mid_frame(&c->reader)) {
+    c->progress_mono = em_mono_ns();
+    c->progress_bytes = 0;
+  }
   em__retry_waiters(c->l);
+}
+
+void em__listener_forgive(em__listener *l, uint64_t gap_ns) {
+  for (em__conn *c = l->conns; c; c = c->next) c->progress_mono += gap_ns;
+}
+
+bool em__conn_stalled(const em__conn *c, uint64_t now, uint64_t timeout_ns) {
+  return c->reading && !c->mem_wait && em__reader_mid_frame(&c->reader) && now > c->progress_mono &&
+         now - c->progress_mono > timeout_ns;
 }
 
 /* Hand every whole frame buffered on c to on_frame. Stops reading c when
@@ -262,6 +283,7 @@ static void em__on_connection(uv_stream_t *server, int status) {
   c->l = l;
   c->reader.budget = &l->budget;
   c->accepted_mono = em_mono_ns();
+  c->progress_mono = c->accepted_mono;
   uv_tcp_init(&l->loop, &c->tcp);
   if (uv_accept(server, (uv_stream_t *)&c->tcp) != 0) {
     em__reader_destroy(&c->reader);

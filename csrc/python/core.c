@@ -579,7 +579,7 @@ static int em__server_init(PyObject *self, PyObject *args, PyObject *kw) {
   em__pyserver *s = (em__pyserver *)self;
   static char *kwlist[] = {"host", "port", "service", "dispatch", "format_error", "log",
                            "hello_info", "max_message_bytes", "routes", "token", "handshake_timeout",
-                           "max_pending_bytes", NULL};
+                           "max_pending_bytes", "progress_timeout", NULL};
   const char *host, *service;
   int port;
   PyObject *dispatch, *format_error, *log;
@@ -587,14 +587,14 @@ static int em__server_init(PyObject *self, PyObject *args, PyObject *kw) {
   unsigned long long max_bytes = 0, max_pending = 0;
   PyObject *routes = NULL;
   const char *token = NULL;
-  double handshake_timeout = 0;
+  double handshake_timeout = 0, progress_timeout = 0;
   if (s->s) {
     PyErr_SetString(PyExc_RuntimeError, "Server.__init__ called twice");
     return -1;
   }
-  if (!PyArg_ParseTupleAndKeywords(args, kw, "sisOOO|y*KOzdK", kwlist, &host, &port, &service, &dispatch,
+  if (!PyArg_ParseTupleAndKeywords(args, kw, "sisOOO|y*KOzdKd", kwlist, &host, &port, &service, &dispatch,
                                    &format_error, &log, &info, &max_bytes, &routes, &token, &handshake_timeout,
-                                   &max_pending))
+                                   &max_pending, &progress_timeout))
     return -1;
   if (routes == Py_None) routes = NULL;
   if (routes && !PyDict_CheckExact(routes)) {
@@ -630,6 +630,12 @@ static int em__server_init(PyObject *self, PyObject *args, PyObject *kw) {
   }
   o.handshake_timeout_ns = hs_ns == EM_FOREVER ? UINT64_MAX / 4 : hs_ns;
   o.max_pending_bytes = max_pending;
+  uint64_t pt_ns = 0;
+  if (progress_timeout > 0 && em__py_timeout(progress_timeout, "progress_timeout", &pt_ns)) {
+    PyBuffer_Release(&info);
+    return -1;
+  }
+  o.progress_timeout_ns = pt_ns == EM_FOREVER ? UINT64_MAX / 4 : pt_ns;
   o.handler = dispatch == Py_None ? NULL : em__handler; /* None: broadcast only */
   o.handler_ud = s;
   o.tick = em__tick;
@@ -736,12 +742,12 @@ static PyObject *em__server_stats(PyObject *self, PyObject *unused) {
   if (!s->s) return PyDict_New();
   em_server_stats st;
   em_server_get_stats(s->s, &st);
-  return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsKsK}", "connections_open", st.connections_open, "connections_total",
+  return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsKsKsK}", "connections_open", st.connections_open, "connections_total",
                        st.connections_total, "requests", st.requests, "errors_sent", st.errors_sent,
                        "protocol_errors", st.protocol_errors, "auth_failures", st.auth_failures, "subscribers",
                        st.subscribers, "publishes", st.publishes, "publish_sends", st.publish_sends,
                        "pending_bytes", st.pending_bytes, "max_pending_bytes", st.max_pending_bytes,
-                       "reads_paused", st.reads_paused);
+                       "reads_paused", st.reads_paused, "stalled_closed", st.stalled_closed);
 }
 
 static void em__server_free(em__pyserver *s) {

@@ -28,6 +28,7 @@
 
 typedef struct em__slot {
   uint64_t id, gen;
+  uint8_t type; /* what was sent: decides which replies can answer it */
   em_msg *reply;
   uint64_t recv_ns; /* t5: when the reader had the whole reply */
   int rc;
@@ -66,6 +67,20 @@ struct em_client {
   uint64_t last_reply_mono;
   atomic_int synchronized;
 };
+
+/* Frame types a server sends on a request connection after the handshake. */
+static bool em__is_reply_type(uint8_t t) {
+  return t == EM_MSG_REPLY || t == EM_MSG_ERROR || t == EM_MSG_OK || t == EM_MSG_PONG;
+}
+
+/* Whether a reply of type `got` can answer a request of type `sent`: a
+ * REQUEST gets REPLY or ERROR, a PING gets PONG, other requests (from C
+ * programs) REPLY, OK or ERROR. */
+static bool em__answers(uint8_t sent, uint8_t got) {
+  if (sent == EM_MSG_PING) return got == EM_MSG_PONG;
+  if (sent == EM_MSG_REQUEST) return got == EM_MSG_REPLY || got == EM_MSG_ERROR;
+  return got == EM_MSG_REPLY || got == EM_MSG_OK || got == EM_MSG_ERROR;
+}
 
 static void em__cond_wait_until(pthread_cond_t *cv, pthread_mutex_t *mu, uint64_t deadline_mono) {
   if (deadline_mono == EM_FOREVER) {
@@ -260,6 +275,7 @@ static int em__request(em_client *c, uint8_t type, em_payload *p, uint64_t timeo
   if (!rc) {
     slot.id = c->next_id++;
     slot.gen = gen;
+    slot.type = type;
     slot.next = c->slots;
     if (c->slots) c->slots->prev = &slot;
     c->slots = &slot;
@@ -309,14 +325,24 @@ static int em__request(em_client *c, uint8_t type, em_payload *p, uint64_t timeo
       uint64_t t5 = r == 1 ? em_now_ns() : 0;
       pthread_mutex_lock(&c->mu);
       c->reader_busy = false;
-      if (r == 1) {
+      if (r == 1 && !em__is_reply_type(m->type)) {
+        /* PUBLISH, HELLO, a request...: not something a server sends on a
+         * request connection. Trust nothing more from this stream. */
+        em_msg_free(m);
+        if (c->gen == rgen) em__break(c, EM_EPROTO);
+      } else if (r == 1) {
         for (em__slot *s = c->slots; s; s = s->next) {
           if (s->id == m->req_id && s->gen == rgen && !s->done) {
-            s->reply = m;
-            s->recv_ns = t5;
             s->done = true;
-            s->rc = EM_OK;
-            m = NULL;
+            if (em__answers(s->type, m->type)) {
+              s->reply = m;
+              s->recv_ns = t5;
+              s->rc = EM_OK;
+              m = NULL;
+            } else { /* e.g. an OK to a REQUEST: the stream is not to be trusted */
+              s->rc = EM_EPROTO;
+              em__break(c, EM_EPROTO);
+            }
             break;
           }
         }

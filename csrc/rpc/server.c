@@ -24,6 +24,8 @@ struct em_server {
   atomic_ullong n_requests, n_errors, n_bad_bodies, n_pub_sends, n_auth_failures;
   char *token;              /* NULL: no authentication */
   uint64_t handshake_timeout_ns, last_sweep;
+  uint64_t progress_timeout_ns; /* a frame in progress must advance within this */
+  atomic_ullong n_stalled;
   unsigned fork_gen;        /* em__fork_gen() at open: a fork child must not touch the loop */
   atomic_int entered;       /* threads inside stop/wait/publish/stats: close waits for them */
 };
@@ -168,9 +170,16 @@ static void em__authenticate(em_server *s, em__conn *c, em_msg *m) {
 
 static void em__sweep_one(void *ud, em__conn *c) {
   em_server *s = ud;
-  if (*em__conn_state(c) != EM__CONN_READY && !em__conn_closing(c) && em__conn_age_ns(c) > s->handshake_timeout_ns) {
+  if (em__conn_closing(c)) return;
+  if (*em__conn_state(c) != EM__CONN_READY && em__conn_age_ns(c) > s->handshake_timeout_ns) {
     char why[96];
     snprintf(why, sizeof why, "no handshake within %.3g s", (double)s->handshake_timeout_ns / 1e9);
+    em__conn_close(c, EM_LOG_WARNING, why);
+  } else if (em__conn_stalled(c, em_mono_ns(), s->progress_timeout_ns)) {
+    char why[128];
+    snprintf(why, sizeof why, "a frame stalled: less than %u KiB of it arrived in %.3g s (progress_timeout)",
+             EM__PROGRESS_BYTES / 1024, (double)s->progress_timeout_ns / 1e9);
+    atomic_fetch_add(&s->n_stalled, 1);
     em__conn_close(c, EM_LOG_WARNING, why);
   }
 }
@@ -330,7 +339,11 @@ static void em__on_frame(void *ud, em__conn *c, em_msg *m) {
 static int em__on_tick(void *ud) {
   em_server *s = ud;
   uint64_t now = em_mono_ns();
-  if (now - s->last_sweep >= EM__MIN(s->handshake_timeout_ns / 4, 1000000000ull)) {
+  uint64_t every = EM__MIN(EM__MIN(s->handshake_timeout_ns, s->progress_timeout_ns) / 4, 1000000000ull);
+  if (now - s->last_sweep >= every) {
+    /* ticks come every `every` or sooner unless a handler held the loop:
+     * then the peers could not be read, and that time is not theirs */
+    if (now - s->last_sweep > 2 * every + 100000000ull) em__listener_forgive(s->l, now - s->last_sweep - every);
     s->last_sweep = now;
     em__listener_foreach(s->l, em__sweep_one, s);
   }
@@ -360,6 +373,7 @@ int em_server_open(em_server **out, const em_server_opts *opts) {
   pthread_mutex_init(&s->pub_mu, NULL);
   em_pool *pool = em__pool_new(256u << 20);
   s->handshake_timeout_ns = opts->handshake_timeout_ns ? opts->handshake_timeout_ns : 10000000000ull;
+  s->progress_timeout_ns = opts->progress_timeout_ns ? opts->progress_timeout_ns : 30000000000ull;
   s->last_sweep = em_mono_ns();
   if (opts->token && opts->token[0] && !(s->token = strdup(opts->token))) {
     free(s->service);
@@ -370,7 +384,7 @@ int em_server_open(em_server **out, const em_server_opts *opts) {
   }
   s->opts.token = NULL; /* the caller's string; s->token is ours */
   /* the tick also closes connections that never finish the handshake */
-  uint64_t sweep_ns = EM__MIN(s->handshake_timeout_ns / 4, 1000000000ull);
+  uint64_t sweep_ns = EM__MIN(EM__MIN(s->handshake_timeout_ns, s->progress_timeout_ns) / 4, 1000000000ull);
   uint64_t tick_ns = opts->tick && opts->tick_ns ? EM__MIN(opts->tick_ns, sweep_ns) : sweep_ns;
   em__listener_cbs cbs = {.ud = s, .on_frame = em__on_frame, .on_tick = em__on_tick,
                           .tick_ns = EM__MAX(tick_ns, 1000000ull), .on_wake = em__on_wake, .log = opts->log,
@@ -429,6 +443,7 @@ void em_server_get_stats(const em_server *s, em_server_stats *st) {
   st->requests = atomic_load(&((em_server *)s)->n_requests);
   st->errors_sent = atomic_load(&((em_server *)s)->n_errors);
   st->auth_failures = atomic_load(&((em_server *)s)->n_auth_failures);
+  st->stalled_closed = atomic_load(&((em_server *)s)->n_stalled);
   st->subscribers = em__listener_subscribers(s->l);
   st->publish_sends = atomic_load(&((em_server *)s)->n_pub_sends);
   pthread_mutex_lock(&((em_server *)s)->pub_mu);

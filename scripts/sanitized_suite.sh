@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The Python test suite against edgeml._core built with AddressSanitizer and
+# UBSan (EDGEML_SANITIZE=asan), so a use-after-free or an overflow in the C
+# core aborts the run instead of passing by luck.
+#   scripts/sanitized_suite.sh [pytest args...]
+# Runs in a copy of the checkout (build/asan-tree) so the normal build is
+# left alone; Python itself is not instrumented, so the ASan runtime is
+# preloaded and leak checking is off (the interpreter's own allocations at
+# exit are not leaks of ours; the C tests check leaks, csrc/Makefile SAN=asan).
+# The C-only tests (test_c.py, test_fuzz.py) have sanitizer builds of their
+# own and are not repeated here.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-$(bash scripts/python.sh)}
+CC=${CC:-cc}
+ASAN_RT=$("$CC" -print-file-name=libasan.so)
+if [ ! -e "$ASAN_RT" ]; then
+  echo "sanitized_suite: $CC has no libasan.so (install gcc's libasan); cannot run the ASan suite" >&2
+  exit 1
+fi
+TREE=build/asan-tree
+mkdir -p "$TREE"
+# the checkout's files (tracked and new, not ignored), nothing built
+if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+  git ls-files -co --exclude-standard -z | tar --null -T - -cf - | tar -C "$TREE" -xf -
+else
+  tar --exclude=./build --exclude=./.venv --exclude='./csrc/build*' --exclude='*.so' -cf - . | tar -C "$TREE" -xf -
+fi
+cd "$TREE"
+EDGEML_SANITIZE=asan "$PY" setup.py -q build_ext --inplace >build_ext.log 2>&1 || {
+  cat build_ext.log >&2
+  exit 1
+}
+# libstdc++ right after: ASan's __cxa_throw interceptor needs the real one
+# loaded at start, or C++ exceptions in other extensions (matplotlib) abort
+STDCXX=$("$CC" -print-file-name=libstdc++.so.6)
+export LD_PRELOAD="$ASAN_RT${STDCXX:+ $STDCXX}"
+export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1"
+export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1"
+export EDGEML_TEST_TIMEOUT_MULTIPLIER=${EDGEML_TEST_TIMEOUT_MULTIPLIER:-3}
+# cwd first on sys.path (python -m): this tree's edgeml, not the editable install
+[ $# -gt 0 ] || set -- tests
+"$PY" -m pytest -q -p no:cacheprovider --ignore=tests/test_c.py --ignore=tests/test_fuzz.py "$@"
+rc=$?
+if [ $rc -eq 5 ]; then
+  echo "sanitized_suite: pytest collected no tests: that is a failure here" >&2
+  exit 1
+fi
+exit $rc
