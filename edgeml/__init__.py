@@ -14,6 +14,7 @@ from .errors import (AddressInUseError, ClosedError, DecodeError, EdgeMLConnecti
                      EdgeMLTimeoutError, EncodeError, HandshakeError, InvalidArgumentError, InvalidKeyError,
                      MessageTooLargeError, ProtocolError, RateLimitError, RemoteError, UnknownDataStoreError,
                      UnknownInterfaceError, UnknownRequestTypeError)
+from ._base import servers, stop_servers
 from .inference import InferenceClient, InferenceServer
 from .trainer import TrainerClient, TrainerConfig, TrainerServer, TrainerSMInterface
 from . import action, data, internal  # noqa: F401,E402  (agentlace's module paths; edgeml.gym_env needs gymnasium)
@@ -21,6 +22,7 @@ from . import action, data, internal  # noqa: F401,E402  (agentlace's module pat
 __version__ = "0.1.0"
 
 __all__ = [
+    "servers", "stop_servers",
     "EdgeConfig", "EdgeServer", "EdgeClient", "ActionConfig", "ActionServer", "ActionClient",
     "TrainerConfig", "TrainerServer", "TrainerClient", "TrainerSMInterface",
     "InferenceServer", "InferenceClient",

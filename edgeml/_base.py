@@ -57,6 +57,24 @@ def _log_from_core(level: int, msg: str) -> None:
 _running_servers: "weakref.WeakSet[ServerBase]" = weakref.WeakSet()
 
 
+def servers() -> list:
+    """The servers running in this process (also those no variable refers to
+    any more, e.g. after a notebook cell that starts one was run again),
+    oldest port first."""
+    return sorted((s for s in list(_running_servers) if s.running), key=lambda s: (s.port, id(s)))
+
+
+def stop_servers(port: Optional[int] = None) -> list:
+    """Stop this process's running servers, or only the one serving
+    ``port`` (its main or broadcast port); returns those stopped."""
+    stopped = []
+    for s in servers():
+        if port is None or port in s._bound_ports():
+            s.stop()
+            stopped.append(s)
+    return stopped
+
+
 _live_subscriptions: "weakref.WeakSet[_Subscription]" = weakref.WeakSet()
 
 
@@ -187,29 +205,37 @@ class ServerBase:
     def running(self) -> bool:
         return self._state == "running"
 
-    def start(self, threaded: bool = False) -> None:
+    def start(self, threaded: bool = False, replace: bool = False) -> None:
         """Bind the port and serve. ``threaded=False`` blocks until ``stop()``
         (from another thread or a handler) or Ctrl-C; ``threaded=True``
         returns at once, serving on a daemon thread. Binding errors (port in
-        use) are raised here in both cases."""
+        use) are raised here in both cases; when the port is held by another
+        server of this process (a notebook cell run twice), the error names
+        it. ``replace=True`` stops that server first and takes its port."""
         with self._lock:
             if self._state in ("running", "starting"):
                 raise RuntimeError(f"{type(self).__name__} is already running on port {self.port}")
+            ports = [p for p in (self._requested_port, self._requested_bport) if p]
+            if replace:
+                for other in servers():
+                    if other is not self and ports and set(ports) & set(other._bound_ports()):
+                        log.info("replacing %r", other)
+                        other.stop()
             bcast = None
             if self._requested_bport is not None:
-                bcast = _core.Server(self._host, self._requested_bport, self._service + ".broadcast", None,
-                                     _format_error, _log_from_core, b"", self._max_message_bytes, None,
-                                     self._token, self._handshake_timeout)
+                bcast = self._bind(self._requested_bport, lambda: _core.Server(
+                    self._host, self._requested_bport, self._service + ".broadcast", None, _format_error,
+                    _log_from_core, b"", self._max_message_bytes, None, self._token, self._handshake_timeout))
                 self._bound_bport = bcast.port
             try:
                 info = self._hello_info()
                 hello = b""
                 if info is not None:
                     hello = _hello_bytes(info)
-                self._core = _core.Server(self._host, self._requested_port, self._service, self._dispatch,
-                                          _format_error, _log_from_core, hello, self._max_message_bytes,
-                                          self._routes(), self._token, self._handshake_timeout,
-                                          self._max_pending_bytes, self._progress_timeout)
+                self._core = self._bind(self._requested_port, lambda: _core.Server(
+                    self._host, self._requested_port, self._service, self._dispatch, _format_error,
+                    _log_from_core, hello, self._max_message_bytes, self._routes(), self._token,
+                    self._handshake_timeout, self._max_pending_bytes, self._progress_timeout))
             except BaseException:
                 if bcast is not None:
                     bcast.close()
@@ -234,6 +260,23 @@ class ServerBase:
             t.start()
         else:
             self._serve(threading.current_thread() is threading.main_thread())
+
+    def _bind(self, port: int, make: Callable[[], Any]) -> Any:
+        """make() the core server; a port held by a server of this process
+        is reported with that server's name and how to stop it."""
+        try:
+            return make()
+        except errors.AddressInUseError as e:
+            holder = next((o for o in servers() if o is not self and port in o._bound_ports()), None)
+            if holder is None:
+                raise
+            raise errors.AddressInUseError(
+                f"{e}: it is held by {holder!r} in this process. Stop it first "
+                f"(edgeml.stop_servers(port={port}), or its .stop()), or start this one with "
+                f"start(..., replace=True)") from None
+
+    def _bound_ports(self) -> list:
+        return [p for p in (getattr(self, "_bound_port", None), getattr(self, "_bound_bport", None)) if p]
 
     def _serve(self, check_signals: bool) -> None:
         core = self._core
@@ -365,6 +408,8 @@ class _Subscription:
         self._sub = _core.Subscriber(host, port, service, float(connect_timeout), int(max_message_bytes or 0),
                                      token)
         self._callbacks: list = []
+        self._seen: list = []  # per callback: the last version it was given
+        self._deliver = threading.Lock()  # callbacks get values in order, each once
         self._cv = threading.Condition()
         self._closed = False
         self.latest: Any = None
@@ -376,9 +421,31 @@ class _Subscription:
         _live_subscriptions.add(self)
 
     def add_callback(self, cb: Callable[[Any], Any]) -> None:
+        """Call ``cb`` with every value from now on; if a value has already
+        arrived, ``cb`` gets the current one at once (on this thread)."""
         if not callable(cb):
             raise TypeError(f"{cb!r} is not callable")
-        self._callbacks = self._callbacks + [cb]
+        with self._deliver:
+            self._callbacks = self._callbacks + [cb]
+            self._seen = self._seen + [0]
+            self._deliver_pending()
+
+    def _deliver_pending(self) -> None:
+        """Give each callback the latest value if it has not had it (held:
+        self._deliver). A callback that joins late gets the current value,
+        none gets a value twice or an older one after a newer."""
+        with self._cv:
+            value, version = self.latest, self.version
+        if version == 0:
+            return
+        for i, cb in enumerate(self._callbacks):
+            if self._seen[i] >= version:
+                continue
+            self._seen[i] = version
+            try:
+                cb(value)
+            except Exception:
+                log.exception("%s callback %r raised; the subscription goes on", self.what, cb)
 
     @property
     def connected(self) -> bool:
@@ -409,11 +476,8 @@ class _Subscription:
                 self.received += 1
                 self.version = self.received  # local and increasing, also across server restarts
                 self._cv.notify_all()
-            for cb in self._callbacks:
-                try:
-                    cb(value)
-                except Exception:
-                    log.exception("%s callback %r raised; the subscription goes on", self.what, cb)
+            with self._deliver:
+                self._deliver_pending()
 
     def wait(self, after_version: int = 0, timeout: Optional[float] = None) -> Any:
         """The newest value with a version above ``after_version``, waiting up

@@ -100,7 +100,9 @@ class EdgeServer(ServerBase):
                  action_callback: Optional[Callable[[str, Any], Any]] = None, log_level: Any = None, *,
                  host: str = "0.0.0.0", max_message_bytes: Optional[int] = None, token: Optional[str] = None,
                  obs_callback: Optional[Callable[[List[str]], Any]] = None,
-                 act_callback: Optional[Callable[[str, Any], Any]] = None):
+                 act_callback: Optional[Callable[[str, Any], Any]] = None,
+                 handshake_timeout: float = 10.0, max_pending_bytes: Optional[int] = None,
+                 progress_timeout: float = 30.0):
         if not isinstance(config, EdgeConfig):
             raise TypeError(f"config must be an EdgeConfig, got {type(config).__name__}")
         # agentlace's keyword names
@@ -112,7 +114,8 @@ class EdgeServer(ServerBase):
             if cb is not None and not callable(cb):
                 raise TypeError(f"{name} must be callable or None, got {cb!r}")
         super().__init__(config.port_number, host, max_message_bytes=max_message_bytes,
-                         broadcast_port=config.broadcast_port, token=token)
+                         broadcast_port=config.broadcast_port, token=token, handshake_timeout=handshake_timeout,
+                         max_pending_bytes=max_pending_bytes, progress_timeout=progress_timeout)
         self.config = config
         self._obs_keys = frozenset(config.observation_keys)
         self._act_keys = frozenset(config.action_keys)
@@ -180,7 +183,8 @@ class EdgeClient(ClientBase):
                  config: Optional[EdgeConfig] = None, *, timeout: Optional[float] = DEFAULT_TIMEOUT,
                  connect_timeout: float = 5.0, max_message_bytes: Optional[int] = None,
                  wait_for_server: bool = False, token: Optional[str] = None, server_ip: Optional[str] = None,
-                 port_num: Optional[int] = None, timeout_ms: Optional[float] = None, log_level: Any = None):
+                 port_num: Optional[int] = None, timeout_ms: Optional[float] = None, log_level: Any = None,
+                 clocks_synchronized: bool = False, clock_refresh: Optional[float] = 5.0):
         host = _compat.pick("host", host, "server_ip", server_ip, "localhost")
         port = _compat.pick("port", port, "port_num", port_num)
         timeout = _compat.timeout_from_ms(timeout, timeout_ms, DEFAULT_TIMEOUT)
@@ -195,7 +199,8 @@ class EdgeClient(ClientBase):
             port = config.port_number
         super().__init__(host, port, timeout=timeout,
                          connect_timeout=(_compat.WAIT_FOREVER_S if wait_for_server else connect_timeout),
-                         max_message_bytes=max_message_bytes, token=token)
+                         max_message_bytes=max_message_bytes, token=token,
+                         clocks_synchronized=clocks_synchronized, clock_refresh=clock_refresh)
         self.task_id = task_id
         self.config = config
         self._connect_timeout = connect_timeout

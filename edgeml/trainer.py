@@ -122,7 +122,9 @@ class TrainerServer(ServerBase):
     def __init__(self, config: TrainerConfig, train_step: Optional[Callable[[Any], Any]] = None,
                  data_callback: Optional[Callable[[str, Any], Any]] = None,
                  request_callback: Optional[Callable[[str, Any], Any]] = None, log_level: Any = None, *,
-                 host: str = "0.0.0.0", max_message_bytes: Optional[int] = None, token: Optional[str] = None):
+                 host: str = "0.0.0.0", max_message_bytes: Optional[int] = None, token: Optional[str] = None,
+                 handshake_timeout: float = 10.0, max_pending_bytes: Optional[int] = None,
+                 progress_timeout: float = 30.0):
         if not isinstance(config, TrainerConfig):
             raise TypeError(f"config must be a TrainerConfig, got {type(config).__name__}")
         if log_level is None and isinstance(request_callback, (int, str)) and not isinstance(request_callback, bool):
@@ -140,7 +142,8 @@ class TrainerServer(ServerBase):
             if cb is not None and not callable(cb):
                 raise TypeError(f"{name} must be callable or None, got {cb!r}")
         super().__init__(config.port_number, host, max_message_bytes=max_message_bytes,
-                         broadcast_port=config.broadcast_port, token=token)
+                         broadcast_port=config.broadcast_port, token=token, handshake_timeout=handshake_timeout,
+                         max_pending_bytes=max_pending_bytes, progress_timeout=progress_timeout)
         self.config = config
         self._train_step = train_step
         self._data_callback = data_callback
@@ -319,7 +322,8 @@ class TrainerClient(ClientBase):
                  timeout: Optional[float] = DEFAULT_TIMEOUT, connect_timeout: float = 5.0,
                  wait_for_server: bool = False, timeout_ms: Optional[float] = None,
                  max_message_bytes: Optional[int] = None, port: Optional[int] = None,
-                 log_level: Any = None, token: Optional[str] = None, port_num: Optional[int] = None):
+                 log_level: Any = None, token: Optional[str] = None, port_num: Optional[int] = None,
+                 clocks_synchronized: bool = False, clock_refresh: Optional[float] = 5.0):
         args = list(args)
         if len(args) >= 2 and isinstance(args[1], TrainerConfig):      # (host, config, ...)
             host, config = args[0], args[1]
@@ -363,7 +367,8 @@ class TrainerClient(ClientBase):
                 raise TypeError(f"data store {k!r} must be a DataStoreBase, got {type(v).__name__}")
         super().__init__(host, config.port_number if port is None else port, timeout=timeout,
                          connect_timeout=(_compat.WAIT_FOREVER_S if wait_for_server else connect_timeout),
-                         max_message_bytes=max_message_bytes, token=token)
+                         max_message_bytes=max_message_bytes, token=token,
+                         clocks_synchronized=clocks_synchronized, clock_refresh=clock_refresh)
         self.config = config
         self.name = name
         self.data_store = data_store

@@ -20,6 +20,7 @@
 #include "em_rpc.h"
 
 #include <errno.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/socket.h>
@@ -66,7 +67,24 @@ struct em_client {
   uint64_t calls;
   uint64_t last_reply_mono;
   atomic_int synchronized;
+  uint64_t last_io_mono; /* last write or read on the connection; guarded by mu */
 };
+
+/* The server closed (or reset) the connection while it was idle, e.g. it
+ * restarted: its FIN is waiting on the socket. Checked before a call writes
+ * when no other call is in flight and the connection has been idle for a
+ * millisecond (a back-to-back call loop pays nothing), so such a call
+ * re-dials instead of writing into a dead socket; a request that may have
+ * reached a server is still never re-sent. mu held. */
+static bool em__peer_gone(em_client *c) {
+  uint64_t now = em_mono_ns();
+  if (now - c->last_io_mono < 1000000ull) return false;
+  c->last_io_mono = now;
+  struct pollfd pfd = {.fd = c->fd, .events = POLLIN | POLLRDHUP};
+  if (poll(&pfd, 1, 0) <= 0) return false;
+  if (pfd.revents & (POLLRDHUP | POLLHUP | POLLERR)) return true;
+  return false; /* readable: a late reply to a call that timed out, read by the next reader */
+}
 
 /* Frame types a server sends on a request connection after the handshake. */
 static bool em__is_reply_type(uint8_t t) {
@@ -267,6 +285,7 @@ static int em__request(em_client *c, uint8_t type, em_payload *p, uint64_t timeo
   }
   c->users++;
   int rc = EM_OK;
+  if (c->fd >= 0 && !c->broken && !c->slots && !c->reader_busy && em__peer_gone(c)) em__break(c, EM_ECONNCLOSED);
   if (c->fd < 0 || c->broken) {
     while (c->reader_busy) em__cond_wait_until(&c->cv, &c->mu, deadline);
     rc = em__reconnect(c, deadline);
@@ -325,6 +344,7 @@ static int em__request(em_client *c, uint8_t type, em_payload *p, uint64_t timeo
       uint64_t t5 = r == 1 ? em_now_ns() : 0;
       pthread_mutex_lock(&c->mu);
       c->reader_busy = false;
+      c->last_io_mono = em_mono_ns();
       if (r == 1 && !em__is_reply_type(m->type)) {
         /* PUBLISH, HELLO, a request...: not something a server sends on a
          * request connection. Trust nothing more from this stream. */
