@@ -8,7 +8,7 @@ edgeml.internal.utils); docs/migrating.md lists every difference.
 """
 from . import _codec  # noqa: F401  (installs the codec hooks first)
 from ._codec import decode_frame, encode_frame
-from .data import DataStoreBase, QueuedDataStore
+from .data import DataStoreBase, PersistentDataStore, QueuedDataStore
 from .edge import ActionClient, ActionConfig, ActionServer, EdgeClient, EdgeConfig, EdgeServer
 from .errors import (AddressInUseError, ClosedError, DecodeError, EdgeMLConnectionError, EdgeMLError,
                      EdgeMLTimeoutError, EncodeError, HandshakeError, InvalidArgumentError, InvalidKeyError,
@@ -26,7 +26,7 @@ __all__ = [
     "EdgeConfig", "EdgeServer", "EdgeClient", "ActionConfig", "ActionServer", "ActionClient",
     "TrainerConfig", "TrainerServer", "TrainerClient", "TrainerSMInterface",
     "InferenceServer", "InferenceClient",
-    "DataStoreBase", "QueuedDataStore",
+    "DataStoreBase", "QueuedDataStore", "PersistentDataStore",
     "EdgeMLError", "EdgeMLTimeoutError", "EdgeMLConnectionError", "HandshakeError", "ProtocolError",
     "ClosedError", "MessageTooLargeError", "AddressInUseError", "InvalidArgumentError", "EncodeError",
     "DecodeError", "RemoteError", "UnknownInterfaceError", "InvalidKeyError", "UnknownRequestTypeError",

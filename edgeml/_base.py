@@ -95,6 +95,34 @@ def _stop_running_servers() -> None:
             pass
 
 
+def _after_fork_in_child() -> None:
+    """In a child process (fork, multiprocessing): the servers' loop threads
+    and the subscription threads are the parent's and do not exist here.
+    Drop this process's copies of their sockets (so the parent's ports and
+    connections are not held open by the child) and mark them stopped;
+    clients open a connection of their own at their next call."""
+    for s in list(_running_servers):
+        for core in (s._core, s._bcast):
+            if core is not None:
+                try:
+                    core.forget_after_fork()
+                except Exception:  # pragma: no cover - best effort
+                    pass
+        s._core = s._bcast = None
+        s._thread = s._bcast_thread = None
+        s._lock = threading.Lock()
+        s._bcast_lock = threading.Lock()
+        s._state = "stopped"
+    _running_servers.clear()
+    for sub in list(_live_subscriptions):
+        sub._forked()
+    timing.keeper.after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 _NOTHING = object()
 
 
@@ -490,6 +518,17 @@ class _Subscription:
             if self.version <= after_version:
                 raise errors.ClosedError(f"{self.what} subscription to {self.host}:{self.port} is closed")
             return self.latest
+
+    def _forked(self) -> None:
+        """In a fork child: this subscription's thread is gone; close it
+        (the core only closes this process's copy of the socket)."""
+        self._cv = threading.Condition()
+        self._deliver = threading.Lock()
+        self._closed = True
+        try:
+            self._sub.close()
+        except Exception:  # pragma: no cover
+            pass
 
     def close(self, timeout: float = 5.0) -> None:
         with self._cv:

@@ -154,6 +154,18 @@ class _ClockKeeper:
         self._wake = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
+    def after_fork_in_child(self) -> None:
+        """The keeper's thread is the parent's: start afresh (its lock may
+        have been held by a thread that does not exist here). The inherited
+        clients stay: their next call opens a connection of this process."""
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread = None
+        if len(self._clients):
+            with self._lock:
+                self._thread = threading.Thread(target=self._run, name="edgeml-clock", daemon=True)
+                self._thread.start()
+
     def add(self, client) -> None:
         with self._lock:
             self._clients.add(client)

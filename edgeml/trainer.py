@@ -3,10 +3,14 @@
 stores, and broadcasts fresh weights; actors (``TrainerClient``) call it,
 stream their transitions with ``update()``, and receive the weights.
 
-Data sync loses nothing and duplicates nothing: every client has a session
-id, the server keeps a cursor (the last item id it stored) per session and
-store, and a batch sent again after a lost reply is stored once. Weights
-broadcasts keep the latest value only.
+Data sync: every client has a session id, the server keeps a cursor (the
+last item id it stored) per session and store, and a batch sent again after
+a lost reply is stored once. What a server acknowledged survives a restart
+of the learner when its store does (``PersistentDataStore`` keeps items and
+cursors in one transaction); when it does not (an in-memory store), the
+restarted server tells each actor so and the actor sends again everything
+its local store still holds. docs/data-sync.md states the guarantees.
+Weights broadcasts keep the latest value only.
 """
 from __future__ import annotations
 
@@ -154,6 +158,7 @@ class TrainerServer(ServerBase):
         self._cursors: "collections.OrderedDict[Tuple[str, str], int]" = collections.OrderedDict()
         self.items_received = 0
         self.duplicates_dropped = 0
+        self._instance: Optional[str] = None  # set by each start() (_hello_info)
 
     # -- data stores
     def register_data_store(self, name: str, store: DataStoreBase) -> None:
@@ -164,6 +169,9 @@ class TrainerServer(ServerBase):
             if not callable(getattr(store, m, None)):
                 raise TypeError(f"store must be a DataStoreBase (it has no {m}()), got {type(store).__name__}")
         self._stores = {**self._stores, name: store}
+        if callable(getattr(store, "load_cursors", None)):  # a store that keeps our cursors (PersistentDataStore)
+            for session, cursor in store.load_cursors(name).items():
+                self._cursors[(session, name)] = int(cursor)
 
     def data_store(self, name: str) -> Optional[DataStoreBase]:
         """The store registered under ``name``, or None."""
@@ -192,8 +200,12 @@ class TrainerServer(ServerBase):
         return self._publish(weights)
 
     def _hello_info(self) -> Any:
+        # called by start(): every run of a server is a new instance, so an
+        # actor can tell that the cursors it was acknowledged came from a
+        # process that may have lost them
+        self._instance = uuid.uuid4().hex
         return {"role": "trainer", "compat": self.config._compat(), "broadcast_port": self.broadcast_port,
-                "rate_limit": self.config.rate_limit}
+                "rate_limit": self.config.rate_limit, "instance": self._instance}
 
     # -- requests
     def _dispatch(self, method: str, payload: Any) -> Any:
@@ -248,6 +260,17 @@ class TrainerServer(ServerBase):
                 f"{', '.join(map(repr, sorted(self._stores))) or 'none'} (register_data_store)")
         key = (session, name)
         cursor = self._cursors.get(key)
+        if cursor is None and store is not None and callable(getattr(store, "cursor_of", None)):
+            cursor = store.cursor_of(name, session)  # evicted from memory, kept by the store
+        acked_by = p.get("instance")
+        if cursor is None and isinstance(acked_by, str) and acked_by != self._instance:
+            # This session was acknowledged by an earlier run of the server
+            # whose store did not keep our cursor (it restarted with an
+            # in-memory store): what it acknowledged is gone. Ask for all of
+            # it again rather than store from the middle.
+            log.warning("data store %r: session %s was acknowledged by a previous run of this trainer; "
+                        "asking it to send again what it still holds", name, session[:8])
+            return {"restarted": True, "cursor": -1, "stored": 0, "missed": 0, "instance": self._instance}
         last = first + len(items) - 1
         skip = 0 if cursor is None else max(0, min(len(items), cursor + 1 - first))
         missed = 0 if cursor is None else max(0, first - cursor - 1)
@@ -256,7 +279,10 @@ class TrainerServer(ServerBase):
         if missed:
             log.warning("data store %r: session %s skipped %d items (its local store dropped them before "
                         "they were sent; increase its capacity or update more often)", name, session[:8], missed)
-        if new and store is not None:
+        synced = store is not None and callable(getattr(store, "batch_insert_synced", None))
+        if synced and (new or cursor is None):
+            store.batch_insert_synced(new, name, session, max(last, -1 if cursor is None else cursor))
+        elif new and store is not None:
             store.batch_insert(new)
         if new or cursor is None:
             # stored: from here on a resend of these items is a duplicate
@@ -267,7 +293,7 @@ class TrainerServer(ServerBase):
             self._cursors.popitem(last=False)
         if new and self._data_callback is not None:
             self._data_callback(name, {"data": new, "last_id": last, "session": session})
-        return {"cursor": self._cursors[key], "stored": len(new), "missed": missed}
+        return {"cursor": self._cursors[key], "stored": len(new), "missed": missed, "instance": self._instance}
 
     def _repr_extra(self) -> str:
         b = f" broadcast_port={self.broadcast_port}" if self.broadcast_port is not None else ""
@@ -376,6 +402,9 @@ class TrainerClient(ClientBase):
         self._connect_timeout = connect_timeout
         self._stores = stores
         self._acked: Dict[str, int] = {k: -1 for k in stores}
+        # the server instance that acknowledged _acked[name] (None: none yet)
+        self._acked_by: Dict[str, Optional[str]] = {k: None for k in stores}
+        self.resends_after_restart = 0
         self._sync_lock = threading.Lock()
         self._rate_lock = threading.Lock()
         self._last_limited_call = 0.0
@@ -474,11 +503,22 @@ class TrainerClient(ClientBase):
             n = min(per_chunk, len(items) - i)
             chunk = items[i:i + n]
             rep = self._request("data", {"session": self.session, "store": name, "first": first + i,
-                                         "items": chunk}, timeout)
+                                         "items": chunk, "instance": self._acked_by.get(name)}, timeout)
+            if isinstance(rep, dict) and rep.get("restarted"):
+                # the learner restarted and lost what it had acknowledged:
+                # send everything this store still holds to the new run
+                log.warning("trainer %s:%s restarted without the data it had acknowledged for store %r; "
+                            "sending again the %d items this client still holds", self.host, self.port, name,
+                            len(store))
+                self.resends_after_restart += 1
+                self._acked[name] = -1
+                self._acked_by[name] = rep.get("instance")
+                return self._send_store(name, store, -1, timeout)
             cursor = rep.get("cursor", -1) if isinstance(rep, dict) else -1
             if cursor < first + i + n - 1:
                 raise errors.ProtocolError(f"the trainer did not acknowledge data for store {name!r}")
             self._acked[name] = max(self._acked.get(name, -1), cursor)
+            self._acked_by[name] = rep.get("instance")
             self.items_sent += int(rep.get("stored", 0))
             i += n
         return last_id

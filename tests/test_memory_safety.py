@@ -387,3 +387,86 @@ def test_server_stop_with_infinite_timeout():
     s.start(threaded=True)
     s.stop(timeout=math.inf)
     assert not s.running
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_fork_child_does_not_hold_the_parents_port_or_connections():
+    """A child forked while a server runs drops its copies of the server's
+    sockets: once the parent stops, the port is free and the parent's
+    clients see their connection close, while the child still lives."""
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    s = edgeml.InferenceServer(port, host="127.0.0.1")
+    s.register_interface("echo", lambda p: p)
+    s.start(threaded=True)
+    c = edgeml.InferenceClient("127.0.0.1", port, timeout=scaled(5), connect_timeout=0, clock_refresh=None)
+    assert c.call("echo", 1) == 1
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: wait until told, then leave
+        try:
+            os.read(r, 1)
+        finally:
+            os._exit(0)
+    try:
+        s.stop()
+        with socket.socket() as sk:  # free although the child still runs
+            sk.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind (TIME_WAIT is fine)
+            sk.bind(("127.0.0.1", port))
+            sk.listen(1)
+        with pytest.raises(edgeml.EdgeMLConnectionError):
+            c.call("echo", 2)  # the connection closed (not kept open by the child's copy)
+    finally:
+        os.write(w, b"x")
+        os.waitpid(pid, 0)
+        c.close()
+
+
+def test_slow_reader_resumed_gets_every_reply(make_server):
+    """80 pipelined requests for 1 MiB replies, read only after all are
+    sent: the server pauses at its 64 MiB reply queue and, once it drains,
+    answers the requests it had already buffered (every one of them)."""
+    s = make_server({"give": lambda n: np.ones(n, np.uint8)})
+    with socket.create_connection(("127.0.0.1", s.port)) as sk:
+        hello(sk)
+        req = b"".join(edgeml.encode_frame(["give", 1 << 20], _core.MSG_REQUEST, i + 1) for i in range(80))
+        sk.sendall(req)
+        sk.settimeout(scaled(20))
+        got = 0
+        buf = b""
+        while got < 80:
+            chunk = sk.recv(1 << 20)
+            assert chunk, f"closed after {got} replies"
+            buf += chunk
+            while len(buf) >= 64 and len(buf) >= struct.unpack_from("<Q", buf, 24)[0]:
+                n = struct.unpack_from("<Q", buf, 24)[0]
+                buf = buf[n:]
+                got += 1
+        assert got == 80
+
+
+def test_a_stalled_peer_that_never_reads_gives_its_budget_back(make_server):
+    """A peer pipelines requests without reading the replies, then stalls
+    in the middle of a large frame: the progress timeout closes it and its
+    share of the budget comes back at once (not when its replies drain,
+    which they never will), so others' large frames go through."""
+    s = make_server({"echo": lambda p: p, "size": lambda p: int(p["x"].nbytes)},
+                    max_pending_bytes=4 << 20, progress_timeout=0.5)
+    with socket.create_connection(("127.0.0.1", s.port)) as a:
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        hello(a)
+        a.setblocking(False)
+        small = edgeml.encode_frame(["echo", {"x": np.zeros(1 << 20, np.uint8)}], _core.MSG_REQUEST, 1)
+        big = edgeml.encode_frame(["echo", {"x": np.zeros(3 << 20, np.uint8)}], _core.MSG_REQUEST, 2)
+        data = small * 24 + big[:256 << 10]
+        sent, deadline = 0, time.monotonic() + scaled(10)
+        while sent < len(data) and time.monotonic() < deadline:
+            try:
+                sent += a.send(data[sent:sent + (1 << 20)])
+            except BlockingIOError:
+                time.sleep(0.01)
+        assert wait_until(lambda: s.stats()["stalled_closed"] >= 1, timeout=10)
+        assert wait_until(lambda: s.stats()["pending_bytes"] == 0, timeout=5)
+        with edgeml.InferenceClient("127.0.0.1", s.port, timeout=scaled(10)) as b:
+            assert b.call("size", {"x": np.zeros(2 << 20, np.uint8)}) == 2 << 20

@@ -422,6 +422,9 @@ void em_server_stop(em_server *s);
  * timeout_ns. EM_OK or EM_ETIMEDOUT. Any thread other than the loop's. */
 int em_server_wait(em_server *s, uint64_t timeout_ns);
 
+/* 1 in a child process after fork() of the process that opened s. */
+int em_server_forked(const em_server *s);
+
 /* 1 while em_server_run runs on the calling thread. */
 int em_server_on_loop_thread(const em_server *s);
 
@@ -446,8 +449,10 @@ void em_server_get_stats(const em_server *s, em_server_stats *st);
 /* Free the server. Requires that run has returned or never started; waits
  * for threads still returning from em_server_stop/wait/publish/get_stats
  * (none may enter after close has begun). In a child process after fork()
- * stop, wait and close do nothing (the loop thread is the parent's) and
- * publish returns EFORKED. */
+ * stop and wait do nothing (the loop thread is the parent's), publish
+ * returns EFORKED, and close only closes the child's copies of the
+ * server's sockets (so the port and the parent's connections are not held
+ * by the child) and frees nothing. */
 void em_server_close(em_server *s);
 
 /* ------------------------------------------------------------- broadcast

@@ -51,6 +51,9 @@ void em__listener_foreach(em__listener *l, void (*fn)(void *ud, em__conn *c), vo
 int em__listener_wait(em__listener *l, uint64_t timeout_ns);
 bool em__listener_on_loop_thread(const em__listener *l);
 void em__listener_close(em__listener *l);   /* after run returned */
+/* In a child process after fork(): close the inherited descriptors (the
+ * listening socket, connections, the loop's) and nothing else. */
+void em__listener_close_fds_in_child(em__listener *l);
 void em__listener_counts(const em__listener *l, uint64_t *open, uint64_t *total, uint64_t *proto_errors);
 /* Bytes now held in unfinished frames, and how many times a connection's
  * reading was paused because its next frame did not fit the budget. */

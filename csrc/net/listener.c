@@ -26,6 +26,7 @@ struct em__conn {
   int pending_writes;
   bool closing, close_after_writes, reading;
   bool mem_wait;           /* paused: its next frame does not fit the budget */
+  bool pause_counted;      /* this pause is in n_paused already */
   int state;               /* for the layer above (handshake) */
   em__conn_sub sub;        /* for the layer above (broadcast) */
   uint64_t accepted_mono;  /* em_mono_ns() at accept */
@@ -118,6 +119,16 @@ void em__conn_close(em__conn *c, int level, const char *why) {
     uv_read_stop((uv_stream_t *)&c->tcp);
     c->reading = false;
   }
+  if (c->mem_wait) {
+    c->mem_wait = false;
+    c->l->n_mem_wait--;
+  }
+  /* nothing more is read from c: give its unfinished frame (and its share
+   * of the budget) back now, not when its queued replies have drained,
+   * which a peer that never reads can put off for ever. Paused peers are
+   * retried by the caller's path (read_cb, write_cb, tick), never here:
+   * this may run inside a handler. */
+  em__reader_reset(&c->reader);
   if (c->pending_writes) c->close_after_writes = true;
   else em__conn_really_close(c);
 }
@@ -223,6 +234,9 @@ static void em__conn_process(em__conn *c) {
       if (!c->mem_wait) {
         c->mem_wait = true;
         c->l->n_mem_wait++;
+      }
+      if (!c->pause_counted) { /* once per pause, not per retry */
+        c->pause_counted = true;
         atomic_fetch_add(&c->l->n_paused, 1);
         em__log(&c->l->cbs, EM_LOG_DEBUG, "pausing %s: %llu bytes held in unfinished frames (limit %llu)",
                 c->peer, (unsigned long long)atomic_load(&c->l->budget.held),
@@ -236,10 +250,10 @@ static void em__conn_process(em__conn *c) {
       return;
     }
     c->l->cbs.on_frame(c->l->cbs.ud, c, m);
-    if (uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp) >= EM__MAX_WRITE_QUEUE && c->reading) {
-      uv_read_stop((uv_stream_t *)&c->tcp); /* slow reader: stop taking its requests */
+    if (uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp) >= EM__MAX_WRITE_QUEUE) {
+      if (c->reading) uv_read_stop((uv_stream_t *)&c->tcp); /* slow reader: stop taking its requests */
       c->reading = false;
-      return;
+      return; /* em__write_cb processes the rest once the queue drains */
     }
   }
 }
@@ -259,6 +273,7 @@ static void em__retry_waiters(em__listener *l) {
         c->mem_wait = false;
         l->n_mem_wait--;
         em__conn_process(c);
+        if (!c->mem_wait) c->pause_counted = false; /* admitted */
         em__resume_reading(c);
       }
       c = n;
@@ -328,8 +343,18 @@ static void em__write_cb(uv_write_t *req, int status) {
   free(w);
   c->pending_writes--;
   if (status < 0 && status != UV_ECANCELED) em__conn_close(c, EM_LOG_INFO, uv_strerror(status));
-  if (c->pending_writes == 0 && c->close_after_writes) em__conn_really_close(c);
-  else em__resume_reading(c);
+  if (c->pending_writes == 0 && c->close_after_writes) {
+    em__conn_really_close(c);
+  } else if (!c->closing && !c->close_after_writes && !c->reading && !c->mem_wait &&
+             uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp) < EM__MAX_WRITE_QUEUE &&
+             !atomic_load(&c->l->stop_requested)) {
+    /* a slow reader's queue drained: first the requests already buffered
+     * (the peer may have sent everything; the stage may be full), then
+     * read again */
+    em__conn_process(c);
+    em__resume_reading(c);
+    em__retry_waiters(c->l);
+  }
 }
 
 int em__conn_send(em__conn *c, em_payload *p, uint8_t type, uint64_t req_id, const uint64_t ts_ns[4]) {
@@ -490,7 +515,9 @@ static void em__tick_cb(uv_timer_t *t) {
   if (l->cbs.on_tick(l->cbs.ud)) {
     l->rc = EM_EINTR;
     em__begin_stop(l);
+    return;
   }
+  em__retry_waiters(l); /* the tick may have closed stalled peers, freeing budget */
 }
 
 int em__listener_open(em__listener **out, const char *host, uint16_t port, em_pool *pool,
@@ -610,6 +637,18 @@ int em__listener_wait(em__listener *l, uint64_t timeout_ns) {
   }
   pthread_mutex_unlock(&l->mu);
   return rc;
+}
+
+void em__listener_close_fds_in_child(em__listener *l) {
+  /* the parent's sockets: drop this process's copies (a copy of the
+   * listening socket would keep the port bound, a connection's would keep
+   * it open after the parent closes it); touch nothing else */
+  uv_os_fd_t fd;
+  for (em__conn *c = l->conns; c; c = c->next)
+    if (uv_fileno((uv_handle_t *)&c->tcp, &fd) == 0) close(fd);
+  if (uv_fileno((uv_handle_t *)&l->server, &fd) == 0) close(fd);
+  int bfd = uv_backend_fd(&l->loop);
+  if (bfd >= 0) close(bfd);
 }
 
 void em__listener_close(em__listener *l) {

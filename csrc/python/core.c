@@ -121,7 +121,7 @@ static int em__client_init(PyObject *self, PyObject *args, PyObject *kw) {
   const char *host;
   int port;
   em_client_opts o;
-  if (c->c) {
+  if (c->c || c->dying || c->inflight) {
     PyErr_SetString(PyExc_RuntimeError, "Client.__init__ called twice");
     return -1;
   }
@@ -377,7 +377,12 @@ static PyObject *em__client_hello(PyObject *self, PyObject *unused) {
 static PyObject *em__client_close(PyObject *self, PyObject *unused) {
   em__pyclient *c = (em__pyclient *)self;
   em_client *cc = c->c;
-  if (cc) {
+  if (cc && em_client_forked(cc)) { /* a fork child: the in-flight count is the parent's threads' */
+    c->c = NULL;
+    c->inflight = 0;
+    c->dying = NULL;
+    em_client_close(cc); /* closes this process's copy of the socket only */
+  } else if (cc) {
     c->c = NULL;
     c->dying = cc;
     c->inflight++; /* the shutdown below is a use like a call */
@@ -732,6 +737,20 @@ static PyObject *em__server_publish(PyObject *self, PyObject *obj) {
   return result;
 }
 
+/* forget_after_fork(): in a child process, drop this process's copies of
+ * the server's sockets (freeing the port for the parent's successors) and
+ * forget it; the parent's server is untouched. */
+static PyObject *em__server_forget_after_fork(PyObject *self, PyObject *unused) {
+  em__pyserver *s = (em__pyserver *)self;
+  if (s->s && !em_server_forked(s->s)) Py_RETURN_NONE; /* the parent's own: nothing to forget */
+  if (s->s) em_server_close(s->s); /* in a child it only closes descriptors */
+  s->s = NULL;
+  s->dying = NULL;
+  s->users = 0;
+  s->running = 2;
+  Py_RETURN_NONE;
+}
+
 static PyObject *em__server_on_loop(PyObject *self, PyObject *unused) {
   em__pyserver *s = (em__pyserver *)self;
   return PyBool_FromLong(s->s && em_server_on_loop_thread(s->s));
@@ -790,6 +809,8 @@ static PyMethodDef em__server_methods[] = {
     {"stop", em__server_stop, METH_VARARGS, "stop(timeout=-1) -> bool: stop and wait for run() to return"},
     {"stats", em__server_stats, METH_NOARGS, "counters"},
     {"on_loop_thread", em__server_on_loop, METH_NOARGS, "True when called from the serving thread"},
+    {"forget_after_fork", em__server_forget_after_fork, METH_NOARGS,
+     "in a fork child: close the inherited sockets and forget the server"},
     {"publish", em__server_publish, METH_O, "publish(obj) -> version: set the broadcast value"},
     {"close", em__server_close, METH_NOARGS, "free the server (after run returned)"},
     {NULL}};

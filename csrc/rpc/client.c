@@ -155,7 +155,7 @@ static int em__connect_attempt(void *ud, uint64_t deadline) { return em__connect
  * wait at once. wmu and mu held (mu is released while waiting). */
 static int em__reconnect(em_client *c, uint64_t deadline) {
   uint64_t start = em_mono_ns();
-  uint64_t until = c->opts.connect_timeout_ns ? start + c->opts.connect_timeout_ns : start;
+  uint64_t until = c->opts.connect_timeout_ns ? em__deadline(c->opts.connect_timeout_ns) : start;
   if (deadline != EM_FOREVER && deadline < until) until = deadline;
   uint64_t backoff = 20000000ull;
   /* one dial and handshake waits at most connect_timeout (or the default) */

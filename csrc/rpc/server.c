@@ -431,6 +431,7 @@ int em_server_wait(em_server *s, uint64_t timeout_ns) {
   atomic_fetch_sub(&s->entered, 1);
   return rc;
 }
+int em_server_forked(const em_server *s) { return em__forked_since(s->fork_gen); }
 int em_server_on_loop_thread(const em_server *s) { return em__listener_on_loop_thread(s->l); }
 
 void em_server_get_stats(const em_server *s, em_server_stats *st) {
@@ -454,7 +455,10 @@ void em_server_get_stats(const em_server *s, em_server_stats *st) {
 
 void em_server_close(em_server *s) {
   if (!s) return;
-  if (em__forked_since(s->fork_gen)) return; /* a fork child: leave it (see em_server_stop) */
+  if (em__forked_since(s->fork_gen)) { /* a fork child: free the port, leave the rest (see em_server_stop) */
+    em__listener_close_fds_in_child(s->l);
+    return;
+  }
   /* a thread woken in em_server_wait may still be on its way out */
   while (atomic_load(&s->entered) > 0) {
     struct timespec ts = {0, 200000};

@@ -2,5 +2,6 @@
 where a trainer keeps what it received (``TrainerClient.update()`` moves the
 difference)."""
 from .data_store import DataStoreBase, QueuedDataStore
+from .persistent import PersistentDataStore
 
-__all__ = ["DataStoreBase", "QueuedDataStore"]
+__all__ = ["DataStoreBase", "QueuedDataStore", "PersistentDataStore"]
