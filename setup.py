@@ -115,6 +115,9 @@ extra_link = libs + ["-lpthread", "-lm"]
 if os.environ.get("EDGEML_SANITIZE") == "asan":
     extra_compile += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
     extra_link += ["-fsanitize=address,undefined"]
+elif os.environ.get("EDGEML_SANITIZE") == "tsan":
+    extra_compile += ["-fsanitize=thread", "-fno-omit-frame-pointer"]
+    extra_link += ["-fsanitize=thread"]
 
 setup(
     ext_modules=[

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The Python test suite against edgeml._core built with AddressSanitizer and
 # UBSan (EDGEML_SANITIZE=asan), so a use-after-free or an overflow in the C
-# core aborts the run instead of passing by luck.
-#   scripts/sanitized_suite.sh [pytest args...]
+# core aborts the run instead of passing by luck; with SAN=tsan, against
+# ThreadSanitizer (races between the core's threads: the client's callers,
+# the server's loop, stop/close from other threads).
+#   [SAN=asan|tsan] scripts/sanitized_suite.sh [pytest args...]
 # Runs in a copy of the checkout (build/asan-tree) so the normal build is
 # left alone; Python itself is not instrumented, so the ASan runtime is
 # preloaded and leak checking is off (the interpreter's own allocations at
@@ -13,12 +15,14 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-$(bash scripts/python.sh)}
 CC=${CC:-cc}
-ASAN_RT=$("$CC" -print-file-name=libasan.so)
-if [ ! -e "$ASAN_RT" ]; then
-  echo "sanitized_suite: $CC has no libasan.so (install gcc's libasan); cannot run the ASan suite" >&2
+SAN=${SAN:-asan}
+case "$SAN" in asan) RTLIB=libasan.so ;; tsan) RTLIB=libtsan.so ;; *) echo "SAN must be asan or tsan" >&2; exit 2 ;; esac
+SAN_RT=$("$CC" -print-file-name=$RTLIB)
+if [ ! -e "$SAN_RT" ]; then
+  echo "sanitized_suite: $CC has no $RTLIB (install gcc's lib${SAN}); cannot run the $SAN suite" >&2
   exit 1
 fi
-TREE=build/asan-tree
+TREE=build/$SAN-tree
 mkdir -p "$TREE"
 # the checkout's files (tracked and new, not ignored), nothing built
 if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
@@ -27,16 +31,19 @@ else
   tar --exclude=./build --exclude=./.venv --exclude='./csrc/build*' --exclude='*.so' -cf - . | tar -C "$TREE" -xf -
 fi
 cd "$TREE"
-EDGEML_SANITIZE=asan "$PY" setup.py -q build_ext --inplace >build_ext.log 2>&1 || {
+EDGEML_SANITIZE=$SAN "$PY" setup.py -q build_ext --inplace >build_ext.log 2>&1 || {
   cat build_ext.log >&2
   exit 1
 }
 # libstdc++ right after: ASan's __cxa_throw interceptor needs the real one
 # loaded at start, or C++ exceptions in other extensions (matplotlib) abort
 STDCXX=$("$CC" -print-file-name=libstdc++.so.6)
-export LD_PRELOAD="$ASAN_RT${STDCXX:+ $STDCXX}"
+export LD_PRELOAD="$SAN_RT${STDCXX:+ $STDCXX}"
 export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1"
 export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1"
+# TSan: only races in edgeml's own code count (the interpreter and numpy
+# are not instrumented, and Python objects are guarded by the GIL)
+export TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1:report_signal_unsafe=0:suppressions=$PWD/csrc/tsan-python.supp"
 export EDGEML_TEST_TIMEOUT_MULTIPLIER=${EDGEML_TEST_TIMEOUT_MULTIPLIER:-3}
 # cwd first on sys.path (python -m): this tree's edgeml, not the editable install
 [ $# -gt 0 ] || set -- tests

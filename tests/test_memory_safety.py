@@ -403,13 +403,16 @@ def test_fork_child_does_not_hold_the_parents_port_or_connections():
     c = edgeml.InferenceClient("127.0.0.1", port, timeout=scaled(5), connect_timeout=0, clock_refresh=None)
     assert c.call("echo", 1) == 1
     r, w = os.pipe()
+    ready_r, ready_w = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the child: wait until told, then leave
+    if pid == 0:  # the child (its at-fork hooks have run): say so, wait until told, then leave
         try:
+            os.write(ready_w, b"r")
             os.read(r, 1)
         finally:
             os._exit(0)
     try:
+        assert os.read(ready_r, 1) == b"r"
         s.stop()
         with socket.socket() as sk:  # free although the child still runs
             sk.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind (TIME_WAIT is fine)

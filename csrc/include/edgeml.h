@@ -400,7 +400,11 @@ typedef struct em_server_opts {
 } em_server_opts;
 
 /* Create a server and bind and listen on host:port, so errors such as
- * EADDRINUSE come back here, synchronously. It accepts nothing until
+ * EADDRINUSE come back here, synchronously. The first server of a process
+ * sets SIGPIPE to ignored if it still has its default action (which would
+ * kill the process when a reply is written to a peer that has gone; the
+ * write fails with EPIPE instead and that connection closes). Clients send
+ * with MSG_NOSIGNAL and change nothing. It accepts nothing until
  * em_server_run. *out is owned by the caller (em_server_close). Any thread. */
 int em_server_open(em_server **out, const em_server_opts *opts);
 

@@ -8,6 +8,7 @@
 #endif
 #include "em_net.h"
 
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -520,9 +521,23 @@ static void em__tick_cb(uv_timer_t *t) {
   em__retry_waiters(l); /* the tick may have closed stalled peers, freeing budget */
 }
 
+/* libuv writes with write(2): a reply to a peer that has gone would raise
+ * SIGPIPE, whose default action kills the process. A server must survive
+ * that (the write fails with EPIPE and the connection closes), so the first
+ * server of a process ignores SIGPIPE unless the program installed a
+ * handler of its own (Python ignores it already). */
+static void em__ignore_sigpipe_once(void) {
+  struct sigaction sa;
+  if (sigaction(SIGPIPE, NULL, &sa) == 0 && sa.sa_handler == SIG_DFL && !(sa.sa_flags & SA_SIGINFO)) {
+    signal(SIGPIPE, SIG_IGN);
+  }
+}
+
 int em__listener_open(em__listener **out, const char *host, uint16_t port, em_pool *pool,
                       uint64_t max_frame, const em__listener_cbs *cbs) {
   *out = NULL;
+  static pthread_once_t sigpipe_once = PTHREAD_ONCE_INIT;
+  pthread_once(&sigpipe_once, em__ignore_sigpipe_once);
   em__listener *l = calloc(1, sizeof *l);
   if (!l) return EM_ENOMEM;
   int r = uv_loop_init(&l->loop);

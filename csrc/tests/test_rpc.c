@@ -208,6 +208,50 @@ static void test_threads_share_a_client(void) {
   stop_server(s, th);
 }
 
+typedef struct {
+  em_client *c;
+  atomic_int *started;
+  int rc;
+} closer_arg;
+
+static void *slow_caller(void *arg) {
+  closer_arg *a = arg;
+  int64_t v;
+  atomic_fetch_add(a->started, 1);
+  a->rc = call_int(a->c, "sleep", 1000, 10000000000ull, &v);
+  return NULL;
+}
+
+/* em_client_close while threads wait in calls: each of them returns
+ * ECLOSED promptly, and close frees only after the last has left (ASan and
+ * TSan runs of this test catch it otherwise). */
+static void test_close_wakes_callers(void) {
+  pthread_t th;
+  em_server *s = start_server(0, &th);
+  for (int round = 0; round < 2; round++) {
+    em_client *c;
+    CHECK_EQ(em_client_open(&c, "127.0.0.1", em_server_port(s), NULL), EM_OK);
+    enum { T = 5 };
+    atomic_int started = 0;
+    pthread_t ts[T];
+    closer_arg ca[T];
+    for (int i = 0; i < T; i++) {
+      ca[i] = (closer_arg){c, &started, 1};
+      pthread_create(&ts[i], NULL, slow_caller, &ca[i]);
+    }
+    while (atomic_load(&started) < T) sleep_ms(1);
+    sleep_ms(30 + 20 * round);
+    uint64_t t0 = em_mono_ns();
+    em_client_close(c);
+    for (int i = 0; i < T; i++) {
+      pthread_join(ts[i], NULL);
+      CHECK_EQ(ca[i].rc, EM_ECLOSED);
+    }
+    CHECK(em_mono_ns() - t0 < 700000000ull); /* not the 1 s handler */
+  }
+  stop_server(s, th);
+}
+
 static void test_garbage_peer_does_not_hurt_others(void) {
   pthread_t th;
   em_server *s = start_server(0, &th);
@@ -514,6 +558,7 @@ int main(void) {
   RUN(test_sha256_hmac_vectors);
   RUN(test_token_auth);
   RUN(test_threads_share_a_client);
+  RUN(test_close_wakes_callers);
   RUN(test_garbage_peer_does_not_hurt_others);
   RUN(test_stop_rebind_reconnect);
   RUN(test_open_errors);
