@@ -580,6 +580,16 @@ static void em__log_py(void *ud, int level, const char *msg) {
   PyGILState_Release(g);
 }
 
+/* A server's timeout option: 0 (not given) = the core's default; inf =
+ * practically never (a value the core's sums cannot overflow). */
+static int em__server_timeout(double t, const char *what, uint64_t *out) {
+  *out = 0;
+  if (!(t > 0) && !isnan(t)) return 0;
+  if (em__py_timeout(t, what, out)) return -1;
+  if (*out == EM_FOREVER) *out = UINT64_MAX / 4;
+  return 0;
+}
+
 static int em__server_init(PyObject *self, PyObject *args, PyObject *kw) {
   em__pyserver *s = (em__pyserver *)self;
   static char *kwlist[] = {"host", "port", "service", "dispatch", "format_error", "log",
@@ -628,19 +638,12 @@ static int em__server_init(PyObject *self, PyObject *args, PyObject *kw) {
   o.hello_info_len = info.buf ? (size_t)info.len : 0;
   o.max_message_bytes = max_bytes;
   o.token = token;
-  uint64_t hs_ns = 0;
-  if (handshake_timeout > 0 && em__py_timeout(handshake_timeout, "handshake_timeout", &hs_ns)) {
-    PyBuffer_Release(&info);
-    return -1;
-  }
-  o.handshake_timeout_ns = hs_ns == EM_FOREVER ? UINT64_MAX / 4 : hs_ns;
   o.max_pending_bytes = max_pending;
-  uint64_t pt_ns = 0;
-  if (progress_timeout > 0 && em__py_timeout(progress_timeout, "progress_timeout", &pt_ns)) {
+  if (em__server_timeout(handshake_timeout, "handshake_timeout", &o.handshake_timeout_ns) ||
+      em__server_timeout(progress_timeout, "progress_timeout", &o.progress_timeout_ns)) {
     PyBuffer_Release(&info);
     return -1;
   }
-  o.progress_timeout_ns = pt_ns == EM_FOREVER ? UINT64_MAX / 4 : pt_ns;
   o.handler = dispatch == Py_None ? NULL : em__handler; /* None: broadcast only */
   o.handler_ud = s;
   o.tick = em__tick;
