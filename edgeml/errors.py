@@ -10,7 +10,13 @@ import builtins
 
 
 class EdgeMLError(Exception):
-    """Base of every error edgeml raises."""
+    """Base of every error edgeml raises. Errors the C core reports carry
+    its code and the code's name (``e.code == -3``, ``e.name ==
+    "ETIMEDOUT"``, from the table in ``csrc/include/edgeml.h``); others have
+    ``None`` there."""
+
+    code = None
+    name = None
 
 
 class EdgeMLTimeoutError(EdgeMLError, builtins.TimeoutError):

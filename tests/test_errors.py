@@ -298,3 +298,18 @@ def test_interfaces_registered_and_removed_while_serving(make_server, make_clien
         c.call("double", 1)
     assert e.value.interfaces == ["echo"]
     assert c.interfaces() == ["echo"]
+
+
+def test_core_errors_carry_code_and_name(make_server):
+    s = make_server({"slow": lambda p: __import__("time").sleep(0.5) or p})
+    with edgeml.InferenceClient("127.0.0.1", s.port) as c:
+        with pytest.raises(edgeml.EdgeMLTimeoutError) as ei:
+            c.call("slow", 1, timeout=0.05)
+    assert ei.value.code == -3 and ei.value.name == "ETIMEDOUT"
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    with pytest.raises(edgeml.EdgeMLConnectionError) as ei:
+        edgeml.InferenceClient("127.0.0.1", port, connect_timeout=0)
+    assert ei.value.name == "ECONNREFUSED" and ei.value.code == -4
+    assert edgeml.EdgeMLError("x").code is None and edgeml.EdgeMLError("x").name is None

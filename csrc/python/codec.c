@@ -27,7 +27,22 @@ PyObject *em_py_raise(int code, const char *fmt, ...) {
   va_end(ap);
   PyObject *cls = em_py.exc_for_code ? PyDict_GetItemString(em_py.exc_for_code, em_errname(code)) : NULL;
   if (!cls) cls = PyExc_RuntimeError;
-  PyErr_SetString(cls, msg);
+  /* the instance carries the core's code and its name (e.code == -3,
+   * e.name == "ETIMEDOUT"), so callers can tell apart errors of one class */
+  PyObject *exc = PyObject_CallFunction(cls, "s", msg);
+  if (!exc) { /* a class that takes other arguments */
+    PyErr_Clear();
+    PyErr_SetString(PyExc_RuntimeError, msg);
+    return NULL;
+  }
+  PyObject *c = PyLong_FromLong(code), *n = PyUnicode_FromString(em_errname(code));
+  if (!c || !n || PyObject_SetAttrString(exc, "code", c) < 0 || PyObject_SetAttrString(exc, "name", n) < 0) {
+    PyErr_Clear(); /* a class without settable attributes still raises, without them */
+  }
+  Py_XDECREF(c);
+  Py_XDECREF(n);
+  PyErr_SetObject(cls, exc);
+  Py_DECREF(exc);
   return NULL;
 }
 
