@@ -242,3 +242,18 @@ def test_docs_never_install_edgeml_from_the_index():
                 continue
             found += [f"{os.path.relpath(f, ROOT)}: {m.group(0)}" for m in bad.finditer(text)]
     assert not found
+
+
+@pytest.mark.timeout(300)
+def test_core_stubs_match_the_extension(tmp_path):
+    """edgeml/_core.pyi names exactly what the built edgeml._core has, with
+    the right kinds (mypy's stubtest)."""
+    pytest.importorskip("mypy.stubtest", reason="mypy is in the test extra")
+    cfg = tmp_path / "stubtest.ini"
+    cfg.write_text("[mypy]\nfollow_imports = silent\ncache_dir = %s\n"
+                   "[mypy-edgeml.*]\nignore_errors = True\n"      # the package's own typing is not what is checked
+                   "[mypy-edgeml._core]\nignore_errors = False\n" % (tmp_path / "cache"))
+    r = subprocess.run([sys.executable, "-m", "mypy.stubtest", "edgeml._core", "--mypy-config-file", str(cfg)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=280)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert "Success" in r.stdout
