@@ -1,6 +1,7 @@
 """The payloads of bench/suite, built the same way in every process.
 
   small   {"x": 64 random bytes}
+  numpy64 {"obs": 64-byte uint8 array} (a small observation as numpy code sends it)
   100KB   an observation: {"image": 128x128x3 uint8, "wrist_image":
           128x128x3 uint8, "step": int, "reward": float, "done": bool,
           "joints": 7 float32} -- one 128x128x3 uint8 image is 48 KiB, so
@@ -31,6 +32,8 @@ def make(kind: str, seed: int = 0):
     rng = np.random.default_rng(seed)
     if kind == "small":
         return {"x": rng.bytes(SMALL_BYTES)}
+    if kind == "numpy64":
+        return {"obs": rng.integers(0, 256, SMALL_BYTES, dtype=np.uint8)}
     if kind == "100KB":
         return {"image": rng.integers(0, 256, (128, 128, 3), dtype=np.uint8),
                 "wrist_image": rng.integers(0, 256, (128, 128, 3), dtype=np.uint8),

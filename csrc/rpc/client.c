@@ -72,13 +72,14 @@ struct em_client {
 
 /* The server closed (or reset) the connection while it was idle, e.g. it
  * restarted: its FIN is waiting on the socket. Checked before a call writes
- * when no other call is in flight and the connection has been idle for a
- * millisecond (a back-to-back call loop pays nothing), so such a call
+ * when no other call is in flight and the connection has been idle for
+ * 50 us (a back-to-back call loop pays nothing; no restart is that quick),
+ * so such a call
  * re-dials instead of writing into a dead socket; a request that may have
  * reached a server is still never re-sent. mu held. */
 static bool em__peer_gone(em_client *c) {
   uint64_t now = em_mono_ns();
-  if (now - c->last_io_mono < 1000000ull) return false;
+  if (now - c->last_io_mono < 50000ull) return false; /* 50 us: less than any restart takes */
   c->last_io_mono = now;
   struct pollfd pfd = {.fd = c->fd, .events = POLLIN | POLLRDHUP};
   if (poll(&pfd, 1, 0) <= 0) return false;
