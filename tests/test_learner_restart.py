@@ -104,7 +104,10 @@ def test_learner_killed_mid_update_five_times_every_item_stored_once(kind, tmp_p
         learner.wait(timeout=10)
     assert len(stored) == n, (len(stored), n)
     assert stored == list(range(n))  # each item exactly once, in order
-    assert updates["failed"] > 0  # the kills were felt
+    # (updates may or may not have failed during the kills: one that finds
+    # the connection closed before writing re-dials and waits for the
+    # learner to come back, within connect_timeout)
+    assert updates["ok"] > 0
     if kind == "memory":
         assert 1 <= actor.resends_after_restart <= 5  # once per run that had acknowledged something
     else:
