@@ -141,3 +141,12 @@ def port_is_free(port: int) -> bool:
         return False
     finally:
         s.close()
+
+
+def proc_mb(pid: int, field: str = "VmRSS") -> float:
+    """A memory figure of a process from /proc (VmRSS now, VmHWM its peak), in MB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} for process {pid}")

@@ -17,18 +17,14 @@ import pytest
 
 import edgeml
 
-from conftest import scaled, wait_until
+from conftest import proc_mb, scaled, wait_until
 from linktools import FaultProxy
 
 pytestmark = pytest.mark.timeout(120)
 
 
 def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
+    return proc_mb(pid, "VmRSS")
 
 
 def test_client_process_killed_mid_call(make_server, make_client):

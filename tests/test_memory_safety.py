@@ -22,7 +22,7 @@ import pytest
 import edgeml
 from edgeml import _core
 
-from conftest import scaled, wait_until
+from conftest import proc_mb, scaled, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -281,11 +281,7 @@ def test_a_large_but_reasonable_body_still_decodes():
 
 
 def peak_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM")
+    return proc_mb(pid, "VmHWM")
 
 
 def test_server_closes_an_amplifying_request_and_serves_the_rest(server_process):
