@@ -162,3 +162,32 @@ def test_servers_lists_running_servers_of_this_process(cleanup):
     assert {a, b} <= set(edgeml.servers())
     a.stop()
     assert a not in edgeml.servers() and b in edgeml.servers()
+
+
+def test_subscriber_follows_a_server_back_after_a_long_outage():
+    """The broadcast server is down for 4 s (the subscriber's backoff
+    reaches its 2 s cap), then comes back on its ports: the subscriber
+    re-dials and gets the new value. Its re-dial used to be timed to the
+    end of a 1 s wait and cut off there, every time."""
+    bport, port = free_port(), free_port()
+    cfg = edgeml.TrainerConfig(port_number=port, broadcast_port=bport)
+    s1 = edgeml.TrainerServer(cfg, train_step=lambda p: p, host="127.0.0.1")
+    s1.start(threaded=True)
+    s1.publish_network({"v": 1})
+    c = edgeml.TrainerClient("127.0.0.1", cfg, clock_refresh=None)
+    s2 = None
+    try:
+        got = []
+        c.recv_network_callback(lambda w: got.append(w["v"]))
+        assert wait_until(lambda: got == [1])
+        s1.stop()
+        time.sleep(4.0)  # the outage itself
+        s2 = edgeml.TrainerServer(cfg, train_step=lambda p: p, host="127.0.0.1")
+        s2.start(threaded=True)
+        s2.publish_network({"v": 2})
+        assert wait_until(lambda: got == [1, 2], timeout=8), got
+    finally:
+        c.close()
+        s1.stop()
+        if s2 is not None:
+            s2.stop()

@@ -492,7 +492,9 @@ int em_sub_open(em_sub **out, const char *host, uint16_t port, const em_client_o
  * the version). If the connection is lost, the next calls re-dial (waiting
  * between attempts, 50 ms doubling to 2 s) and resume; a server that
  * restarted is detected by its handshake and its values are taken from
- * version 1 again. After ETIMEDOUT the request for a value stays
+ * version 1 again. A re-dial's handshake may take up to 500 ms past
+ * timeout_ns (so it is not cut off at the end of a short call); it is
+ * bounded by connect_timeout. After ETIMEDOUT the request for a value stays
  * outstanding, so call again promptly: a value pushed meanwhile is
  * returned by the next call as it was. One thread at a time.
  * Errors: ETIMEDOUT (nothing new yet), ECLOSED (em_sub_shutdown),

@@ -145,7 +145,12 @@ int em_sub_next(em_sub *s, uint64_t timeout_ns, em_msg **out) {
         if (s->opts.check_interrupt && s->opts.check_interrupt(s->opts.interrupt_ud)) return EM_EINTR;
         continue;
       }
-      int rc = em__sub_dial(s, EM__MIN(deadline, em__deadline(dial_ns)));
+      /* the handshake gets at least 500 ms even when this call's deadline
+       * is sooner: a re-dial timed to land at the end of a call would
+       * otherwise be cut off every time (the backoff keeps that phase), and
+       * the subscriber would never get back to a restarted server */
+      uint64_t floor = em__deadline(500000000ull);
+      int rc = em__sub_dial(s, EM__MIN(em__deadline(dial_ns), EM__MAX(deadline, floor)));
       if (rc) {
         if (rc == EM_ECLOSED) return rc;
         s->next_dial_ns = em_mono_ns() + s->backoff_ns;
