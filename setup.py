@@ -105,11 +105,11 @@ def find_deps():
 
 here = os.path.dirname(os.path.abspath(__file__))
 sources = []
-for layer in ("base", "wire", "net", "rpc", "python"):
+for layer in ("base", "wire", "net", "timing", "rpc", "proto", "python"):
     sources += sorted(glob.glob(os.path.join("csrc", layer, "*.c")))
 
 cflags, libs = find_deps()
-extra_compile = ["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",
+extra_compile = ["-std=gnu11", "-O2", "-fvisibility=hidden", "-Wall", "-Wextra", "-Wno-unused-parameter",
                  "-Wno-missing-field-initializers", "-D_GNU_SOURCE"] + cflags
 extra_link = libs + ["-lpthread", "-lm"]
 if os.environ.get("EDGEML_SANITIZE") == "asan":

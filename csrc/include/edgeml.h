@@ -19,7 +19,6 @@
 
 #include <stddef.h>
 #include <stdint.h>
-#include <msgpack.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -28,6 +27,14 @@ extern "C" {
 #define EM_VERSION_STRING "0.1.0"
 #define EM_PROTOCOL_VERSION 1
 #define EM_FOREVER UINT64_MAX
+
+/* Every function of the library is declared with EM_API; nothing else is
+ * exported from libedgeml.so (it is built with -fvisibility=hidden). */
+#if defined(__GNUC__) || defined(__clang__)
+#define EM_API __attribute__((visibility("default")))
+#else
+#define EM_API
+#endif
 
 /* ---------------------------------------------------------------- errors */
 
@@ -61,12 +68,12 @@ typedef enum em_err {
 } em_err;
 
 /* Text of a code: "timed out"; its name: "ETIMEDOUT". Never NULL. Any thread. */
-const char *em_strerror(int code);
-const char *em_errname(int code);
+EM_API const char *em_strerror(int code);
+EM_API const char *em_errname(int code);
 
 /* Current wall clock (CLOCK_REALTIME) and monotonic clock, in ns. */
-uint64_t em_now_ns(void);
-uint64_t em_mono_ns(void);
+EM_API uint64_t em_now_ns(void);
+EM_API uint64_t em_mono_ns(void);
 
 /* -------------------------------------------------------------- messages */
 
@@ -126,14 +133,14 @@ typedef struct em_msg {
   size_t frame_bytes;  /* whole frame, header included */
 } em_msg;
 
-void em_msg_free(em_msg *m);
+EM_API void em_msg_free(em_msg *m);
 
 /* Retain/release the frame memory of a message separately from the message,
  * e.g. to keep arrays that view it alive. Any thread. */
-em_buf *em_buf_retain(em_buf *b);
-void em_buf_release(em_buf *b);
-uint8_t *em_buf_data(em_buf *b);
-size_t em_buf_size(em_buf *b);
+EM_API em_buf *em_buf_retain(em_buf *b);
+EM_API void em_buf_release(em_buf *b);
+EM_API uint8_t *em_buf_data(em_buf *b);
+EM_API size_t em_buf_size(em_buf *b);
 
 /* An array decoded from an EM_EXT_ARRAY ext: a view into a message blob. */
 typedef struct em_array {
@@ -147,54 +154,220 @@ typedef struct em_array {
   size_t len_bytes;
 } em_array;
 
-/* Unpack a message body into a msgpack object tree allocated in `zone`.
- * The body is first checked (depth <= 64, every declared length fits in the
- * bytes that remain, every array ext names a blob whose size matches its
- * dtype and shape), so a lying body is EM_EDECODE, never a huge allocation.
- * `zone` is the caller's (msgpack_zone_init/destroy). Any thread. */
-int em_msg_unpack(const em_msg *m, msgpack_zone *zone, msgpack_object *out);
+/* ---------------------------------------------------------------- values
+ *
+ * Reading a received body. Two ways, over the same checks (nesting <= 32,
+ * every declared length fits in the bytes that remain, a decode-cost bound
+ * against bodies that would expand into huge object trees, no trailing
+ * bytes), so a lying body is EM_EDECODE, never a crash or a huge
+ * allocation:
+ *
+ *  - em_msg_value + em_value_get/at/em_iter: random access for programs.
+ *    em_msg_value checks the whole body once; the navigation below it then
+ *    cannot fail on a malformed body.
+ *  - em_reader: one pass, in pre-order (a container, then its elements),
+ *    checking as it goes; what language bindings use to build their own
+ *    objects straight from the bytes (edgeml's Python decoder does).
+ *
+ * An em_value points into its message: it is valid while the message is
+ * (em_msg_free ends it). Strings are not NUL-terminated (use len, or
+ * em_value_cstr). Tuples and sets are msgpack arrays tagged by their first
+ * element (docs/protocol.md); values report them as EM_T_TUPLE/EM_T_SET
+ * with the tag already skipped. Out-of-band numpy arrays are EM_T_NDARRAY;
+ * em_value_ndarray gives their dtype, shape and data (zero-copy).
+ * No value function allocates; all are thread-safe on distinct values (a
+ * message may be read by several threads at once). */
 
-/* If `o` is an EM_EXT_ARRAY ext, fill `a` from it and the blobs of `m`.
- * Returns EM_OK, or EM_EINVAL if `o` is not an array ext, EM_EDECODE if it
- * is malformed. */
-int em_obj_array(const em_msg *m, const msgpack_object *o, em_array *a);
+typedef enum em_type {
+  EM_T_NIL = 1,
+  EM_T_BOOL,    /* as.b: 0 or 1 */
+  EM_T_INT,     /* as.i: any integer that fits int64_t */
+  EM_T_UINT,    /* as.u: an integer above INT64_MAX */
+  EM_T_FLOAT,   /* as.f (float32 on the wire is widened) */
+  EM_T_STR,     /* as.str, len bytes of UTF-8 (not checked here) */
+  EM_T_BIN,     /* as.bin, len bytes */
+  EM_T_LIST,    /* len elements */
+  EM_T_TUPLE,   /* len elements */
+  EM_T_SET,     /* len elements */
+  EM_T_MAP,     /* len key/value pairs */
+  EM_T_NDARRAY, /* see em_value_ndarray */
+  EM_T_EXT      /* another msgpack ext: ext_type, as.bin, len */
+} em_type;
 
-/* The value of key `key` in map `o`, or NULL. */
-const msgpack_object *em_obj_get(const msgpack_object *o, const char *key);
+/* Name of a type ("map", "ndarray"); never NULL. */
+EM_API const char *em_type_name(int type);
 
-/* ------------------------------------------------------ outgoing payloads */
+typedef struct em_value {
+  em_type type;
+  uint32_t len;
+  union {
+    int b;
+    int64_t i;
+    uint64_t u;
+    double f;
+    const char *str;
+    const uint8_t *bin;
+  } as;
+  int8_t ext_type;
+  /* private: where the value's elements (or ext data) lie */
+  const em_msg *_msg;
+  const uint8_t *_p, *_end;
+} em_value;
 
-/* A message body being built: msgpack written with msgpack-c's packer
- * (`pk`) into a buffer that also reserves room for the frame header, plus a
- * list of out-of-band blobs. The blobs are borrowed: their memory must stay
- * valid until the message is sent (for a client call: until the call
- * returns; for a server reply: until `release` is called).
- * Not thread-safe; one thread builds a payload. */
-typedef struct em_payload {
-  msgpack_sbuffer sbuf; /* header space + body + blob table */
-  msgpack_packer pk;
-  em_blob *blobs;
-  uint32_t nblobs, blobs_cap;
-  /* Called once, on the thread that finishes sending, when the blobs are
-   * no longer needed (after the write completed or failed). May be NULL. */
-  void (*release)(void *ctx);
-  void *release_ctx;
-} em_payload;
+/* The whole body of `m` as a value, after checking all of it.
+ * EM_OK, or EM_EDECODE (the body is malformed). */
+EM_API int em_msg_value(const em_msg *m, em_value *out);
 
-int em_payload_init(em_payload *p);
-void em_payload_destroy(em_payload *p); /* calls release if still pending */
-void em_payload_reset(em_payload *p);   /* empty it for reuse; calls release */
+/* A REQUEST's body [method, payload]: both as values (method is EM_T_STR).
+ * EM_OK, or EM_EDECODE (malformed, or not [str, value]). */
+EM_API int em_msg_request(const em_msg *m, em_value *method, em_value *payload);
 
-/* Pack an array as an EM_EXT_ARRAY ext; `data` (C order, `len_bytes`) is
- * added as a blob, borrowed, not copied. `dtype` is a numpy dtype.str whose
- * item size times the product of `shape` must equal `len_bytes`. */
-int em_payload_pack_array(em_payload *p, const char *dtype, uint32_t ndim,
-                          const uint64_t *shape, const void *data,
-                          size_t len_bytes, int is_scalar);
+/* An ERROR message's "type: message" (e.g. "ValueError: bad frame"),
+ * NUL-terminated and cut to `cap`. Returns EM_OK, or EM_EDECODE when `m`
+ * is not a readable error map (buf then says so). */
+EM_API int em_msg_error(const em_msg *m, char *buf, size_t cap);
 
-/* Start the body of a REQUEST: a 2-element array whose first element is
- * `method`; the caller then packs exactly one value (the payload). */
-int em_payload_begin_request(em_payload *p, const char *method, size_t method_len);
+/* The value of key `key` (a str key) in map `map`: 1 and *out when found,
+ * 0 when absent, EM_EINVAL when `map` is not a map. */
+EM_API int em_value_get(const em_value *map, const char *key, em_value *out);
+
+/* Element i of a list, tuple or set: EM_OK, or EM_EINVAL (not one, or i
+ * out of range). O(i): use em_iter to walk. */
+EM_API int em_value_at(const em_value *seq, uint32_t i, em_value *out);
+
+typedef struct em_iter {
+  /* private */
+  const em_msg *_msg;
+  const uint8_t *_p, *_end;
+  uint64_t _left;
+} em_iter;
+
+/* Walk a list, tuple, set or map (for a map: key, value, key, value...).
+ * em_iter_next returns 1 and *out, or 0 at the end (also for a value that
+ * is not a container). */
+EM_API void em_iter_init(em_iter *it, const em_value *container);
+EM_API int em_iter_next(em_iter *it, em_value *out);
+
+/* The array behind an EM_T_NDARRAY value (data points into the message).
+ * EM_OK, EM_EINVAL (not an ndarray), EM_EDECODE (its header is malformed,
+ * names no blob, or disagrees with the blob's size). */
+EM_API int em_value_ndarray(const em_value *v, em_array *out);
+
+/* Scalars with conversion: an INT/UINT as int64_t (EM_EINVAL if out of
+ * range), as uint64_t (EM_EINVAL if negative), as double (INT, UINT and
+ * FLOAT), a BOOL. EM_OK or EM_EINVAL (another type). */
+EM_API int em_value_int(const em_value *v, int64_t *out);
+EM_API int em_value_uint(const em_value *v, uint64_t *out);
+EM_API int em_value_double(const em_value *v, double *out);
+EM_API int em_value_bool(const em_value *v, int *out);
+
+/* 1 when v is the string s, else 0. */
+EM_API int em_value_is(const em_value *v, const char *s);
+
+/* Copy a STR into buf, NUL-terminated: EM_OK, EM_EINVAL (not a str, or it
+ * holds a NUL byte), EM_ETOOBIG (does not fit in cap, buf gets the
+ * truncated prefix). */
+EM_API int em_value_cstr(const em_value *v, char *buf, size_t cap);
+
+/* One pass over a body in pre-order. After em_read returns a container of
+ * len n, the next n reads (2n for a map: key, value...) are its elements.
+ * Every read is checked; at the first error the reader stops and
+ * em_reader_why says why. */
+#define EM_READER_DEPTH 32
+typedef struct em_reader {
+  /* private */
+  const em_msg *_msg;
+  const uint8_t *_p, *_end;
+  uint64_t _cost, _limit;
+  const char *_why;
+  int _depth;
+  uint64_t _left[EM_READER_DEPTH + 1];
+} em_reader;
+
+/* Start reading m's body (its one top-level value). Any thread. */
+EM_API void em_reader_init(em_reader *r, const em_msg *m);
+/* The next value: EM_OK, or EM_EDECODE (malformed, or nothing is left). */
+EM_API int em_read(em_reader *r, em_value *out);
+/* Skip the next value and everything inside it: EM_OK or EM_EDECODE. */
+EM_API int em_read_skip(em_reader *r);
+/* EM_OK when the whole body has been read and nothing follows it, else
+ * EM_EDECODE ("trailing bytes" or "body truncated"). */
+EM_API int em_reader_finish(em_reader *r);
+/* Why the last call failed (a static string), or NULL. */
+EM_API const char *em_reader_why(const em_reader *r);
+
+/* ------------------------------------------------------ outgoing payloads
+ *
+ * An em_payload is a message body being built (msgpack with out-of-band
+ * arrays) plus the room for the frame header. Write exactly one top-level
+ * value (a request: em_payload_begin_request, then one value). Containers
+ * declare their size and are followed by that many values (2x for a map:
+ * key, value, ...). Arrays are borrowed, never copied: their memory must
+ * stay valid until the message is sent (a client call: until the call
+ * returns; a server reply: until the release callback runs).
+ *
+ * Every em_put_* returns EM_OK or an error code, and the first error also
+ * sticks: a send of a payload that failed to build, or whose containers
+ * are not complete, fails with EM_EENCODE without sending anything, so a
+ * program may check once, at the send.
+ * One thread builds a payload at a time. */
+typedef struct em_payload em_payload;
+
+/* A new empty payload (owned by the caller: em_payload_free), NULL when out
+ * of memory. Reuse one with em_payload_reset: its memory is kept. */
+EM_API em_payload *em_payload_new(void);
+EM_API void em_payload_free(em_payload *p); /* runs release if pending; NULL ok */
+EM_API void em_payload_reset(em_payload *p); /* empty it; runs release */
+/* The sticky error (EM_OK while the payload is fine). */
+EM_API int em_payload_error(const em_payload *p);
+/* Called once, on the thread that finishes sending, when the borrowed
+ * arrays are no longer read (after the write completed or failed, or at
+ * reset/free if never sent). */
+EM_API void em_payload_on_release(em_payload *p, void (*fn)(void *ctx), void *ctx);
+
+EM_API int em_put_nil(em_payload *p);
+EM_API int em_put_bool(em_payload *p, int v);
+EM_API int em_put_int(em_payload *p, int64_t v);
+EM_API int em_put_uint(em_payload *p, uint64_t v);
+EM_API int em_put_double(em_payload *p, double v);
+EM_API int em_put_str(em_payload *p, const char *s, size_t len);
+EM_API int em_put_cstr(em_payload *p, const char *s); /* NUL-terminated */
+EM_API int em_put_bin(em_payload *p, const void *data, size_t len);
+EM_API int em_put_list(em_payload *p, uint32_t n);  /* then n values */
+EM_API int em_put_tuple(em_payload *p, uint32_t n); /* then n values */
+EM_API int em_put_set(em_payload *p, uint32_t n);   /* then n values */
+EM_API int em_put_map(em_payload *p, uint32_t n);   /* then n key, value pairs */
+/* A numpy array: dtype a numpy dtype.str ("<f4", "|u1", "<i8"...), data
+ * C-contiguous, len_bytes = item size x product of shape (EM_EINVAL
+ * otherwise). Borrowed, see above. ndim 0 is a 0-d array. */
+EM_API int em_put_ndarray(em_payload *p, const char *dtype, uint32_t ndim, const uint64_t *shape,
+                          const void *data, size_t len_bytes);
+/* A numpy scalar (np.float32(1.5) arrives in Python as that type); data
+ * is one item of dtype, copied-by-reference like an array. */
+EM_API int em_put_scalar(em_payload *p, const char *dtype, const void *data, size_t len_bytes);
+/* A copy of a received value (its arrays stay borrowed from their
+ * message: keep the message alive until this payload is sent). */
+EM_API int em_put_value(em_payload *p, const em_value *v);
+
+/* Start the body of a REQUEST: [method, payload]; then write one value. */
+EM_API int em_payload_begin_request(em_payload *p, const char *method, size_t method_len);
+/* Reset p and start an error body {"type", "message", "traceback", ...}
+ * with `extra` more key/value pairs to follow (write them next). `type`
+ * names the exception ("edgeml.InvalidKeyError", "ValueError"; Python
+ * callers get that class when it is an edgeml one, else RemoteError);
+ * traceback may be NULL. A handler that wrote one returns EM_MSG_ERROR. */
+EM_API int em_payload_begin_error(em_payload *p, const char *type, const char *message, const char *traceback,
+                                  uint32_t extra);
+
+/* A whole frame in memory (for files, tests and test vectors): *out is
+ * malloc'd (free() it), *len its size; all timestamps are zero.
+ * EM_OK, EM_EENCODE (p failed to build or is incomplete), ENOMEM, ETOOBIG. */
+EM_API int em_frame_encode(em_payload *p, uint8_t type, uint64_t req_id, uint8_t **out, size_t *len);
+/* Parse exactly one frame of `len` bytes, with every check a receiver
+ * makes (max_bytes 0 = 1 GiB). On EM_OK *out is owned by the caller
+ * (em_msg_free); on error *why (may be NULL) gets a static reason.
+ * Errors: EPROTO, EVERSION, ETOOBIG, ENOMEM. The body is not decoded. */
+EM_API int em_frame_decode(const void *data, size_t len, uint64_t max_bytes, em_msg **out, const char **why);
 
 /* ---------------------------------------------------------------- client */
 
@@ -220,10 +393,14 @@ typedef struct em_client_opts {
   const char *token;
 } em_client_opts;
 
+/* Fill o with the defaults (every field zero/NULL: the defaults above).
+ * Start from this so fields added later get their defaults. */
+EM_API void em_client_opts_init(em_client_opts *o);
+
 /* Connect to host:port and do the handshake. On success *out is owned by the
  * caller (em_client_close). On failure *out is NULL. Blocks. Any thread.
  * Errors: ERESOLVE, ECONNREFUSED, ETIMEDOUT, EHANDSHAKE, EVERSION, EIO. */
-int em_client_open(em_client **out, const char *host, uint16_t port,
+EM_API int em_client_open(em_client **out, const char *host, uint16_t port,
                    const em_client_opts *opts);
 
 /* Send one frame of `type` with body `p` and wait for its reply.
@@ -242,11 +419,11 @@ int em_client_open(em_client **out, const char *host, uint16_t port,
  * (a server restarting) is retried with backoff for up to connect_timeout
  * within the call's timeout. A request is never re-sent by the library.
  * Errors: ETIMEDOUT, ECONNCLOSED, ECONNREFUSED, EPROTO, ETOOBIG, ECLOSED. */
-int em_client_request(em_client *c, uint8_t type, em_payload *p,
+EM_API int em_client_request(em_client *c, uint8_t type, em_payload *p,
                       uint64_t timeout_ns, em_msg **reply);
 
 /* The handshake body the server sent (msgpack), valid until close. */
-const uint8_t *em_client_server_hello(em_client *c, size_t *len);
+EM_API const uint8_t *em_client_server_hello(em_client *c, size_t *len);
 
 /* Close the connection; calls in flight fail with ECLOSED, and the memory
  * is freed only after every thread inside a call (or queued to start one)
@@ -256,13 +433,13 @@ const uint8_t *em_client_server_hello(em_client *c, size_t *len);
  * After fork(): in the child every call returns EFORKED without touching
  * the connection (the parent's), shutdown does nothing and close only
  * closes the child's copy of the descriptor; open a new client there. */
-void em_client_close(em_client *c);
+EM_API void em_client_close(em_client *c);
 
 /* Make in-flight and future calls fail with ECLOSED without freeing. */
-void em_client_shutdown(em_client *c);
+EM_API void em_client_shutdown(em_client *c);
 
 /* 1 in a child process after fork() of the process that opened c. */
-int em_client_forked(const em_client *c);
+EM_API int em_client_forked(const em_client *c);
 
 /* ---------------------------------------------------------------- timing
  *
@@ -298,7 +475,7 @@ enum {
   EM_STAGE_BYTES_DOWN, /* reply frame bytes */
   EM_STAGE_COUNT
 };
-extern const char *const em_stage_names[EM_STAGE_COUNT];
+EM_API extern const char *const em_stage_names[EM_STAGE_COUNT];
 
 typedef struct em_call_timing {
   uint64_t t[6];          /* t0..t5 above, ns since the Unix epoch */
@@ -329,22 +506,22 @@ typedef struct em_client_stats {
 
 /* Declare the two hosts' clocks synchronised (PTP, or one host): one-way
  * stages then use offset 0 instead of the estimate. Any thread. */
-void em_client_set_synchronized(em_client *c, int yes);
+EM_API void em_client_set_synchronized(em_client *c, int yes);
 
 /* Like em_client_request; also fills *timing (may be NULL) when a reply
  * came. Every call's timing also feeds the client's statistics. */
-int em_client_request_timed(em_client *c, uint8_t type, em_payload *p, uint64_t timeout_ns, em_msg **reply,
+EM_API int em_client_request_timed(em_client *c, uint8_t type, em_payload *p, uint64_t timeout_ns, em_msg **reply,
                             em_call_timing *timing);
 
 /* Add a client-side stage sample (EM_STAGE_ENCODE/DECODE) to the stats. */
-void em_client_note(em_client *c, int stage, int64_t value);
+EM_API void em_client_note(em_client *c, int stage, int64_t value);
 
 /* Running statistics since open or the last reset. Any thread. */
-void em_client_get_stats(em_client *c, em_client_stats *st);
-void em_client_reset_stats(em_client *c); /* keeps the clock estimate */
+EM_API void em_client_get_stats(em_client *c, em_client_stats *st);
+EM_API void em_client_reset_stats(em_client *c); /* keeps the clock estimate */
 
 /* Nanoseconds since this client's last reply (or open). Any thread. */
-uint64_t em_client_idle_ns(em_client *c);
+EM_API uint64_t em_client_idle_ns(em_client *c);
 
 /* ---------------------------------------------------------------- server */
 
@@ -399,6 +576,10 @@ typedef struct em_server_opts {
                                   MiB (docs/security.md) */
 } em_server_opts;
 
+/* Fill o with the defaults: host "0.0.0.0", port 0, service "edgeml", no
+ * handler, no token, the timeouts and limits above. */
+EM_API void em_server_opts_init(em_server_opts *o);
+
 /* Create a server and bind and listen on host:port, so errors such as
  * EADDRINUSE come back here, synchronously. The first server of a process
  * sets SIGPIPE to ignored if it still has its default action (which would
@@ -406,31 +587,31 @@ typedef struct em_server_opts {
  * write fails with EPIPE instead and that connection closes). Clients send
  * with MSG_NOSIGNAL and change nothing. It accepts nothing until
  * em_server_run. *out is owned by the caller (em_server_close). Any thread. */
-int em_server_open(em_server **out, const em_server_opts *opts);
+EM_API int em_server_open(em_server **out, const em_server_opts *opts);
 
 /* The bound port (useful with port 0). */
-uint16_t em_server_port(const em_server *s);
+EM_API uint16_t em_server_port(const em_server *s);
 
 /* Run the server on the calling thread until em_server_stop (or a tick
  * returns non-zero). Handlers run on this thread. When it returns, the
  * listening socket and every connection are closed (the port is free), and
  * replies already computed have been handed to the kernel. Returns EM_OK,
  * or EM_EINTR when a tick stopped it. Call at most once per server. */
-int em_server_run(em_server *s);
+EM_API int em_server_run(em_server *s);
 
 /* Ask the server to stop. Any thread, any number of times, async-signal
  * unsafe. Returns at once; em_server_wait waits for run to return. */
-void em_server_stop(em_server *s);
+EM_API void em_server_stop(em_server *s);
 
 /* Wait until em_server_run has returned (or was never called), up to
  * timeout_ns. EM_OK or EM_ETIMEDOUT. Any thread other than the loop's. */
-int em_server_wait(em_server *s, uint64_t timeout_ns);
+EM_API int em_server_wait(em_server *s, uint64_t timeout_ns);
 
 /* 1 in a child process after fork() of the process that opened s. */
-int em_server_forked(const em_server *s);
+EM_API int em_server_forked(const em_server *s);
 
 /* 1 while em_server_run runs on the calling thread. */
-int em_server_on_loop_thread(const em_server *s);
+EM_API int em_server_on_loop_thread(const em_server *s);
 
 /* Counters, for repr() and tests. Any thread (approximate while running). */
 typedef struct em_server_stats {
@@ -448,7 +629,7 @@ typedef struct em_server_stats {
   uint64_t reads_paused;    /* times a connection waited for that budget */
   uint64_t stalled_closed;  /* connections closed by progress_timeout */
 } em_server_stats;
-void em_server_get_stats(const em_server *s, em_server_stats *st);
+EM_API void em_server_get_stats(const em_server *s, em_server_stats *st);
 
 /* Free the server. Requires that run has returned or never started; waits
  * for threads still returning from em_server_stop/wait/publish/get_stats
@@ -457,7 +638,7 @@ void em_server_get_stats(const em_server *s, em_server_stats *st);
  * returns EFORKED, and close only closes the child's copies of the
  * server's sockets (so the port and the parent's connections are not held
  * by the child) and frees nothing. */
-void em_server_close(em_server *s);
+EM_API void em_server_close(em_server *s);
 
 /* ------------------------------------------------------------- broadcast
  *
@@ -476,7 +657,7 @@ void em_server_close(em_server *s);
  * server runs). *version_out (may be NULL) receives the value's version.
  * Any thread; does not block on the network. Errors: ENOMEM, ETOOBIG
  * (larger than the server's max_message_bytes), ECLOSED (run has returned). */
-int em_server_publish(em_server *s, em_payload *p, uint64_t *version_out);
+EM_API int em_server_publish(em_server *s, em_payload *p, uint64_t *version_out);
 
 /* A subscription to a server's broadcasts: its own connection, no thread.
  * The thread that calls em_sub_next does the I/O. */
@@ -485,7 +666,7 @@ typedef struct em_sub em_sub;
 /* Connect to host:port and handshake (opts as for em_client_open). On
  * success *out is owned by the caller (em_sub_close). Blocks. Any thread.
  * Errors: as em_client_open. */
-int em_sub_open(em_sub **out, const char *host, uint16_t port, const em_client_opts *opts);
+EM_API int em_sub_open(em_sub **out, const char *host, uint16_t port, const em_client_opts *opts);
 
 /* Wait up to timeout_ns for a value newer than the last one returned and
  * return it as a PUBLISH message (*out owned by the caller; its req_id is
@@ -501,19 +682,23 @@ int em_sub_open(em_sub **out, const char *host, uint16_t port, const em_client_o
  * ECONNCLOSED (the connection was lost; call again to reconnect),
  * ECONNREFUSED/ERESOLVE/EHANDSHAKE (a re-dial failed), EPROTO, ETOOBIG,
  * EINTR (check_interrupt asked to stop). */
-int em_sub_next(em_sub *s, uint64_t timeout_ns, em_msg **out);
+EM_API int em_sub_next(em_sub *s, uint64_t timeout_ns, em_msg **out);
 
 /* 1 while the subscription has a working connection. Any thread. */
-int em_sub_connected(const em_sub *s);
+EM_API int em_sub_connected(const em_sub *s);
 
 /* Make a waiting and every later em_sub_next fail with ECLOSED. Any
  * thread, any number of times. */
-void em_sub_shutdown(em_sub *s);
+EM_API void em_sub_shutdown(em_sub *s);
 
 /* Close and free; no em_sub_next may be running. */
-void em_sub_close(em_sub *s);
+EM_API void em_sub_close(em_sub *s);
 
 #ifdef __cplusplus
 }
 #endif
+
+/* The roles (Edge, Trainer, Inference servers and clients) on top of this. */
+#include "edgeml_roles.h"
+
 #endif /* EDGEML_H */
