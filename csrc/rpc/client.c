@@ -18,6 +18,7 @@
  * checks the fork generation and, in a child, touches neither: calls fail
  * with EFORKED, close only closes the child's copy of the descriptor. */
 #include "em_rpc.h"
+#include "../timing/em_timing.h"
 
 #include <errno.h>
 #include <poll.h>

@@ -4,6 +4,7 @@
 #define EM_RPC_H
 
 #include "../net/em_net.h"
+#include "../timing/em_timing.h" /* per-call stages, clock offset, histograms */
 
 /* Pack an error map {"type", "message", "traceback"} as the whole body. */
 int em__pack_error(em_payload *p, const char *type, const char *message, const char *traceback);
@@ -44,38 +45,5 @@ int em__hello_dial(const char *host, uint16_t port, const char *service, const c
  * Returns attempt's last result. */
 #define EM__HANDSHAKE_DEFAULT_NS 10000000000ull
 int em__open_retry(int (*attempt)(void *ud, uint64_t deadline), void *ud, uint64_t connect_timeout_ns);
-
-/* ---- timing.c (see edgeml.h "timing"); no locking, callers hold theirs */
-#define EM__HIST_BUCKETS (64 + 58 * 32) /* exact below 64, then 2^6..2^63 */
-typedef struct em__hist {
-  uint64_t count;
-  double sum;
-  int64_t min, max;
-  uint32_t counts[EM__HIST_BUCKETS];
-} em__hist;
-void em__hist_add(em__hist *h, int64_t v);
-void em__hist_summary(const em__hist *h, em_stage_stats *s);
-
-#define EM__CLOCK_WINDOW 32 /* seconds */
-#define EM__CLOCK_WINDOW_NS (30ull * 1000000000ull)
-typedef struct em__clock_sample {
-  int64_t offset;
-  uint64_t delay, mono;
-} em__clock_sample;
-typedef struct em__clock {
-  em__clock_sample ring[EM__CLOCK_WINDOW];
-  uint64_t next; /* slots ever used */
-} em__clock;
-void em__clock_add(em__clock *k, int64_t offset, uint64_t delay, uint64_t mono);
-/* The sample to use now; returns the number in the window (0: none). */
-int em__clock_best(const em__clock *k, uint64_t now_mono, em__clock_sample *out);
-
-/* t0..t5 and the byte counts from a reply's timestamps ({t4, t1, t2, t3}). */
-void em__timing_fill(em_call_timing *t, const uint64_t ts_reply[4], uint64_t t0, uint64_t t5, uint64_t bytes_up,
-                     uint64_t bytes_down);
-/* This call's own offset and delay; 0 if the reply is not usable for it. */
-int em__timing_sample(const em_call_timing *t, int64_t *offset, uint64_t *delay);
-/* Fill the stages given the offset to use. */
-void em__timing_stages(em_call_timing *t, int64_t offset, uint64_t offset_err, int synchronized);
 
 #endif

@@ -1,6 +1,6 @@
 /* test_timing.c: the histogram's quantiles against exact order statistics,
  * the clock-offset filter, and per-call stages from known timestamps. */
-#include "../rpc/em_rpc.h"
+#include "../timing/em_timing.h"
 #include "em_test.h"
 
 #include <math.h>

@@ -2,10 +2,11 @@
  * estimate (NTP minimum-delay filter) and running statistics in log-linear
  * histograms. Contract in include/edgeml.h ("timing") and docs/timing.md.
  * Nothing here locks: the client calls it with its mutex held. */
-#include "em_rpc.h"
+#include "em_timing.h"
 
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 const char *const em_stage_names[EM_STAGE_COUNT] = {
     "rtt", "upload", "queue", "handler", "reply", "download", "encode", "decode", "bytes_up", "bytes_down",
