@@ -6,6 +6,7 @@
 
 #include "edgeml.h"
 
+#include <msgpack.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
@@ -44,6 +45,31 @@ void em__pool_retain(em_pool *p);
 void em__pool_release(em_pool *p);
 /* A buffer of at least `size` bytes, refs = 1; NULL when out of memory. */
 em_buf *em__buf_alloc(em_pool *p, size_t size);
+
+/* ---- payloads (the public em_payload is opaque; wire/payload.c, value.c)
+ * Internal code may build one on the stack with em_payload_init and write
+ * msgpack with `pk` directly; the em_put_* writers also track containers
+ * (need[] = values still owed at each open level) so that an incomplete
+ * body is refused at the send. */
+struct em_payload {
+  msgpack_sbuffer sbuf; /* header space + body + blob table */
+  msgpack_packer pk;
+  em_blob *blobs;
+  uint32_t nblobs, blobs_cap;
+  void (*release)(void *ctx);
+  void *release_ctx;
+  int err;        /* first em_put_* error, sticky until reset */
+  int depth;      /* open containers */
+  uint32_t roots; /* top-level values written with em_put_* */
+  bool heap;      /* from em_payload_new */
+  uint64_t need[EM_READER_DEPTH + 2];
+};
+int em_payload_init(em_payload *p);     /* EM_OK or ENOMEM */
+void em_payload_destroy(em_payload *p); /* runs release if pending */
+int em_payload_pack_array(em_payload *p, const char *dtype, uint32_t ndim, const uint64_t *shape,
+                          const void *data, size_t len_bytes, int is_scalar);
+/* EM_OK, or the reason a payload must not be sent (EENCODE). */
+int em__payload_ready(const em_payload *p);
 
 /* ---- misc (clock.c) */
 uint64_t em__random_u64(void); /* never 0 */

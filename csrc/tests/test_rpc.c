@@ -36,10 +36,9 @@ static int handler(void *ud, const em_msg *req, em_payload *reply) {
     if (em__obj_streq(method, "sleep") && payload->type == MSGPACK_OBJECT_POSITIVE_INTEGER)
       sleep_ms((int)payload->via.u64);
     em_array a;
-    if (em_obj_array(req, payload, &a) == EM_OK)
-      em_payload_pack_array(reply, a.dtype, a.ndim, a.shape, a.data, a.len_bytes, a.is_scalar);
-    else
-      msgpack_pack_object(&reply->pk, *payload);
+    (void)a;
+    em_value mv, pv; /* the public reader and writer: echo the payload back */
+    if (em_msg_request(req, &mv, &pv) != EM_OK || em_put_value(reply, &pv) != EM_OK) type = -1;
   }
   msgpack_zone_destroy(&z);
   return type;
@@ -78,7 +77,7 @@ static int call_int(em_client *c, const char *method, int64_t v, uint64_t timeou
   em_payload p;
   em_payload_init(&p);
   em_payload_begin_request(&p, method, strlen(method));
-  msgpack_pack_int64(&p.pk, v);
+  em_put_int(&p, v);
   em_msg *r = NULL;
   int rc = em_client_request(c, EM_MSG_REQUEST, &p, timeout_ns, &r);
   em_payload_destroy(&p);
@@ -119,7 +118,7 @@ static void test_echo_and_errors(void) {
   uint64_t shape[1] = {n};
   em_payload_reset(&p);
   em_payload_begin_request(&p, "echo", 4);
-  em_payload_pack_array(&p, "<f4", 1, shape, big, n * sizeof(float), 0);
+  em_put_ndarray(&p, "<f4", 1, shape, big, n * sizeof(float));
   CHECK_EQ(em_client_request(c, EM_MSG_REQUEST, &p, 10000000000ull, &r), EM_OK);
   if (r) {
     CHECK_EQ(r->nblobs, 1);
@@ -132,7 +131,7 @@ static void test_echo_and_errors(void) {
   em_call_timing tm;
   em_payload_reset(&p);
   em_payload_begin_request(&p, "sleep", 5);
-  msgpack_pack_int(&p.pk, 20);
+  em_put_int(&p, 20);
   CHECK_EQ(em_client_request_timed(c, EM_MSG_REQUEST, &p, 10000000000ull, &r, &tm), EM_OK);
   CHECK(tm.stage[EM_STAGE_HANDLER] >= 20000000);
   CHECK_EQ(tm.stage[EM_STAGE_UPLOAD] + tm.stage[EM_STAGE_QUEUE] + tm.stage[EM_STAGE_HANDLER] +

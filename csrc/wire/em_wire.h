@@ -46,6 +46,22 @@ int em__payload_frame(em_payload *p, uint8_t type, uint16_t flags, uint64_t req_
 void em__payload_set_ts(em_payload *p, int i, uint64_t ts_ns);
 size_t em__payload_iov_cap(const em_payload *p);
 
+/* Unpack a message body into a msgpack object tree allocated in `zone`
+ * after em__body_check; EM_OK or EM_EDECODE. Internal (msgpack-c types). */
+int em_msg_unpack(const em_msg *m, msgpack_zone *zone, msgpack_object *out);
+/* If `o` is an EM_EXT_ARRAY ext, fill `a` (EM_OK), else EM_EINVAL, or
+ * EM_EDECODE if malformed. */
+int em_obj_array(const em_msg *m, const msgpack_object *o, em_array *a);
+/* The value of str key `key` in map `o`, or NULL. */
+const msgpack_object *em_obj_get(const msgpack_object *o, const char *key);
+/* Decode-cost charges (see em__body_check); value.c's reader uses the same. */
+#define EM__COST_ELEM 32u     /* msgpack_object + the parent's pointer */
+#define EM__COST_MAP 112u     /* dict object; + EM__COST_KV per entry */
+#define EM__COST_KV 96u       /* zone key/value pair + dict entry and index */
+#define EM__COST_LIST 56u     /* list or tuple object */
+#define EM__COST_STR 49u      /* + its length */
+#define EM__COST_NUM 32u      /* int or float object */
+#define EM__COST_ARRAY 256u   /* ndarray view + shape tuple */
 /* Check a msgpack body (see em_msg_unpack). EM_OK or EM_EDECODE + reason.
  * Besides structure it bounds decode amplification: each element is
  * charged what decoding it is estimated to allocate (msgpack-c's object,
@@ -56,6 +72,11 @@ size_t em__payload_iov_cap(const em_payload *p);
 #define EM__DECODE_FLOOR_BYTES (64u << 20)
 #define EM__STR_(x) #x
 #define EM__STR(x) EM__STR_(x)
+static inline uint64_t em__decode_limit(size_t body_len) {
+  return (uint64_t)EM__DECODE_RATIO * body_len > (uint64_t)EM__DECODE_FLOOR_BYTES
+             ? (uint64_t)EM__DECODE_RATIO * body_len : (uint64_t)EM__DECODE_FLOOR_BYTES;
+}
+
 int em__body_check(const em_msg *m, const char **why);
 
 /* Parse an array ext's data; checks it against the message's blobs. */

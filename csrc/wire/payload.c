@@ -30,20 +30,20 @@ void em_payload_reset(em_payload *p) {
   em__payload_release(p);
   p->sbuf.size = EM_FRAME_HEADER_BYTES;
   p->nblobs = 0;
+  p->err = 0;
+  p->depth = 0;
+  p->roots = 0;
 }
 
 void em_payload_destroy(em_payload *p) {
   em__payload_release(p);
   msgpack_sbuffer_destroy(&p->sbuf);
   free(p->blobs);
+  bool heap = p->heap;
   memset(p, 0, sizeof *p);
+  p->heap = heap;
 }
 
-int em_payload_begin_request(em_payload *p, const char *method, size_t method_len) {
-  if (msgpack_pack_array(&p->pk, 2) || msgpack_pack_str_with_body(&p->pk, method, method_len))
-    return EM_ENOMEM;
-  return EM_OK;
-}
 
 /* Parse a numpy dtype.str: byte order (one of "<>|="), kind (one of
  * "biufcmMSUV"), decimal item size (at most 2^24; 0 only for the flexible
@@ -115,6 +115,8 @@ size_t em__payload_iov_cap(const em_payload *p) { return 1 + 2 * (size_t)p->nblo
 
 int em__payload_frame(em_payload *p, uint8_t type, uint16_t flags, uint64_t req_id,
                       const uint64_t ts_ns[4], struct iovec *iov, uint64_t *frame_len) {
+  int ready = em__payload_ready(p);
+  if (ready) return ready;
   em__hdr h;
   memset(&h, 0, sizeof h);
   size_t body_len = p->sbuf.size - EM_FRAME_HEADER_BYTES;
@@ -217,17 +219,6 @@ bad:
   *why = "malformed array header";
   return EM_EDECODE;
 }
-
-/* Decode cost: what decoding an element is estimated to allocate (a
- * msgpack_object in the unpack zone plus the Python object and the slot
- * that refers to it; see em__body_check). */
-#define EM__COST_ELEM 32u     /* msgpack_object + the parent's pointer */
-#define EM__COST_MAP 112u     /* dict object; + EM__COST_KV per entry */
-#define EM__COST_KV 96u       /* zone key/value pair + dict entry and index */
-#define EM__COST_LIST 56u     /* list or tuple object */
-#define EM__COST_STR 49u      /* + its length */
-#define EM__COST_NUM 32u      /* int or float object */
-#define EM__COST_ARRAY 256u   /* ndarray view + shape tuple */
 
 typedef struct em__scan_ctx {
   uint64_t cost, limit;
