@@ -145,6 +145,11 @@ void em__duo_close(em__duo *d);
  * from a payload holding one value (NULL = nil). The value's bytes are
  * copied, its arrays stay borrowed (as value's). EM_OK, EM_EENCODE (value
  * failed to build, is empty or incomplete), EM_ENOMEM. */
+/* Write the one value `value` holds as the next value of dst (its bytes
+ * copied, its arrays borrowed). dst must hold no arrays yet when value
+ * has some (EM_EINVAL). EM_OK, EM_EENCODE (value failed, is empty or
+ * incomplete; dst's top level is full), EM_ENOMEM (sticks in dst). */
+int em__put_payload(em_payload *dst, em_payload *value);
 int em__request_wrap(em_payload *req, const char *method, em_payload *value);
 /* em_client_request of [method, value] (see em__request_wrap): EM_OK and
  * *reply the REPLY, EM_EREMOTE and *reply the ERROR, else *reply NULL. */

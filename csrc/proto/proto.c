@@ -508,27 +508,39 @@ void em__duo_close(em__duo *d) {
 
 /* ------------------------------------------------------------------ calls */
 
+int em__put_payload(em_payload *dst, em_payload *value) {
+  if (dst->err) return dst->err;
+  if (dst->nblobs && value->nblobs) return EM_EINVAL;
+  if (em__payload_ready(value) || value->roots != 1) return EM_EENCODE;
+  if (dst->depth == 0 && dst->roots) return EM_EENCODE;
+  /* the same bytes; its arrays keep their blob indices (dst has none) */
+  size_t body = value->sbuf.size - EM_FRAME_HEADER_BYTES;
+  if (msgpack_sbuffer_write(&dst->sbuf, value->sbuf.data + EM_FRAME_HEADER_BYTES, body)) {
+    dst->err = EM_ENOMEM;
+    return EM_ENOMEM;
+  }
+  if (value->nblobs) {
+    em_blob *b = malloc(value->nblobs * sizeof *b);
+    if (!b) {
+      dst->err = EM_ENOMEM;
+      return EM_ENOMEM;
+    }
+    memcpy(b, value->blobs, value->nblobs * sizeof *b);
+    free(dst->blobs);
+    dst->blobs = b;
+    dst->nblobs = dst->blobs_cap = value->nblobs;
+  }
+  /* account for the one value written, as em_put_* does */
+  if (dst->depth == 0) dst->roots++;
+  else if (--dst->need[dst->depth] == 0)
+    while (dst->depth > 0 && dst->need[dst->depth] == 0) dst->depth--;
+  return EM_OK;
+}
+
 int em__request_wrap(em_payload *req, const char *method, em_payload *value) {
   int rc = em_payload_begin_request(req, method, strlen(method));
   if (rc) return rc;
-  if (!value) return em_put_nil(req);
-  if (em__payload_ready(value) || value->roots != 1) return EM_EENCODE;
-  /* the value's body after the request's [method, ...: the same bytes, and
-   * its arrays keep their blob indices (the request has none of its own) */
-  size_t body = value->sbuf.size - EM_FRAME_HEADER_BYTES;
-  if (msgpack_sbuffer_write(&req->sbuf, value->sbuf.data + EM_FRAME_HEADER_BYTES, body)) return EM_ENOMEM;
-  if (value->nblobs) {
-    em_blob *b = malloc(value->nblobs * sizeof *b);
-    if (!b) return EM_ENOMEM;
-    memcpy(b, value->blobs, value->nblobs * sizeof *b);
-    free(req->blobs);
-    req->blobs = b;
-    req->nblobs = req->blobs_cap = value->nblobs;
-  }
-  /* account for the one value written (as em_put_* would) */
-  if (--req->need[req->depth] == 0)
-    while (req->depth > 0 && req->need[req->depth] == 0) req->depth--;
-  return EM_OK;
+  return value ? em__put_payload(req, value) : em_put_nil(req);
 }
 
 int em__call(em_client *c, const char *method, em_payload *value, uint64_t timeout_ns, em_msg **reply) {
