@@ -15,7 +15,7 @@
 #define EM__ALIGN_UP(x, a) (((x) + ((a)-1)) & ~((uint64_t)(a)-1))
 #define EM__MIN(a, b) ((a) < (b) ? (a) : (b))
 #define EM__MAX(a, b) ((a) > (b) ? (a) : (b))
-#define EM__DEFAULT_MAX_MESSAGE ((uint64_t)1 << 30)
+#define EM__DEFAULT_MAX_MESSAGE ((uint64_t)EM_DEFAULT_MAX_MESSAGE_BYTES)
 
 static inline void em__put_u16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)v; p[1] = (uint8_t)(v >> 8); }
 static inline void em__put_u32(uint8_t *p, uint32_t v) { for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (8 * i)); }

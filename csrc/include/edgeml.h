@@ -27,6 +27,7 @@ extern "C" {
 #define EM_VERSION_STRING "0.1.0"
 #define EM_PROTOCOL_VERSION 1
 #define EM_FOREVER UINT64_MAX
+#define EM_DEFAULT_MAX_MESSAGE_BYTES (1ull << 30) /* max_message_bytes 0 = this */
 
 /* Every function of the library is declared with EM_API; nothing else is
  * exported from libedgeml.so (it is built with -fvisibility=hidden). */

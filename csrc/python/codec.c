@@ -89,6 +89,17 @@ static int em__enc_fail(em__enc *e, PyObject *obj, const char *why) {
 
 /* ------------------------------------------------------------ encode */
 
+/* A writer call failed (out of memory, or a size the wire cannot hold). */
+static int em__enc_put_failed(em__enc *e, PyObject *o, int rc) {
+  if (rc == EM_ENOMEM) {
+    PyErr_NoMemory();
+    return -1;
+  }
+  return em__enc_fail(e, o, rc == EM_ETOOBIG ? "too large for one message value (4 GiB)" : em_strerror(rc));
+}
+
+static inline int em__enc_put(em__enc *e, PyObject *o, int rc) { return rc ? em__enc_put_failed(e, o, rc) : 0; }
+
 static int em__enc_value(em__enc *e, PyObject *o);
 
 static int em__keep_view(em_py_keep *k, Py_buffer *v) {
@@ -160,7 +171,8 @@ static int em__enc_array_as(em__enc *e, PyObject *arr, int is_scalar, const char
     Py_DECREF(flat); /* the view holds its own reference */
     if (r) return em__enc_fail(e, arr, "array exposes no buffer");
   }
-  int rc = em_payload_pack_array(e->p, dts, ndim, shape, view.buf, (size_t)view.len, is_scalar);
+  int rc = is_scalar ? em_put_scalar(e->p, dts, view.buf, (size_t)view.len)
+                     : em_put_ndarray(e->p, dts, ndim, shape, view.buf, (size_t)view.len);
   if (rc) {
     PyBuffer_Release(&view);
     return em__enc_fail(e, arr, rc == EM_EINVAL ? "array size disagrees with dtype and shape" : "out of memory");
@@ -178,9 +190,11 @@ static int em__enc_seq(em__enc *e, PyObject *seq, int tag) {
   Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
   PyObject **items = PySequence_Fast_ITEMS(seq);
   if ((uint64_t)n + (tag ? 1 : 0) > UINT32_MAX) return em__enc_fail(e, seq, "too long");
-  msgpack_pack_array(&e->p->pk, (size_t)n + (tag ? 1 : 0));
-  if (tag) msgpack_pack_ext(&e->p->pk, 0, (int8_t)tag);
-  if (e->depth > EM__MAX_DEPTH - 2) return em__enc_fail(e, seq, "nested deeper than 30 levels");
+  if (e->depth > EM_READER_DEPTH - 2) return em__enc_fail(e, seq, "nested deeper than 30 levels");
+  int rc = tag == EM_EXT_TUPLE_TAG ? em_put_tuple(e->p, (uint32_t)n)
+           : tag == EM_EXT_SET_TAG ? em_put_set(e->p, (uint32_t)n)
+                                   : em_put_list(e->p, (uint32_t)n);
+  if (rc) return em__enc_put_failed(e, seq, rc);
   for (Py_ssize_t i = 0; i < n; i++) {
     e->path_key[e->depth] = NULL;
     e->path_idx[e->depth] = i;
@@ -195,8 +209,9 @@ static int em__enc_seq(em__enc *e, PyObject *seq, int tag) {
 static int em__enc_dict_items(em__enc *e, PyObject *owner, PyObject *d) {
   Py_ssize_t n = PyDict_GET_SIZE(d);
   if ((uint64_t)n > UINT32_MAX) return em__enc_fail(e, owner, "too many keys");
-  if (e->depth > EM__MAX_DEPTH - 2) return em__enc_fail(e, owner, "nested deeper than 30 levels");
-  msgpack_pack_map(&e->p->pk, (size_t)n);
+  if (e->depth > EM_READER_DEPTH - 2) return em__enc_fail(e, owner, "nested deeper than 30 levels");
+  int rc = em_put_map(e->p, (uint32_t)n);
+  if (rc) return em__enc_put_failed(e, owner, rc);
   Py_ssize_t pos = 0;
   PyObject *k, *v;
   while (PyDict_Next(d, &pos, &k, &v)) {
@@ -204,7 +219,7 @@ static int em__enc_dict_items(em__enc *e, PyObject *owner, PyObject *d) {
       Py_ssize_t kl;
       const char *ks = PyUnicode_AsUTF8AndSize(k, &kl);
       if (!ks) return -1;
-      msgpack_pack_str_with_body(&e->p->pk, ks, (size_t)kl);
+      if ((rc = em_put_str(e->p, ks, (size_t)kl))) return em__enc_put_failed(e, k, rc);
     } else if (PyUnicode_Check(k) || PyLong_Check(k) || PyFloat_Check(k) || PyBytes_Check(k) ||
                k == Py_None || PyTuple_Check(k)) {
       if (em__enc_value(e, k)) return -1;
@@ -233,11 +248,11 @@ static int em__enc_int(em__enc *e, PyObject *o) {
       PyErr_Clear();
       return em__enc_fail(e, o, "integer outside the 64-bit range");
     }
-    return msgpack_pack_uint64(&e->p->pk, u);
+    return em__enc_put(e, o, em_put_uint(e->p, u));
   }
   if (overflow < 0) return em__enc_fail(e, o, "integer outside the 64-bit range");
   if (v == -1 && PyErr_Occurred()) return -1;
-  return msgpack_pack_int64(&e->p->pk, v);
+  return em__enc_put(e, o, em_put_int(e->p, v));
 }
 
 static int em__enc_value(em__enc *e, PyObject *o) {
@@ -246,34 +261,37 @@ static int em__enc_value(em__enc *e, PyObject *o) {
     Py_ssize_t n;
     const char *s = PyUnicode_AsUTF8AndSize(o, &n);
     if (!s) return em__enc_fail(e, o, "string is not valid unicode");
-    return msgpack_pack_str_with_body(&e->p->pk, s, (size_t)n);
+    return em__enc_put(e, o, em_put_str(e->p, s, (size_t)n));
   }
-  if (o == Py_None) return msgpack_pack_nil(&e->p->pk);
-  if (o == Py_True) return msgpack_pack_true(&e->p->pk);
-  if (o == Py_False) return msgpack_pack_false(&e->p->pk);
+  if (o == Py_None) return em__enc_put(e, o, em_put_nil(e->p));
+  if (o == Py_True) return em__enc_put(e, o, em_put_bool(e->p, 1));
+  if (o == Py_False) return em__enc_put(e, o, em_put_bool(e->p, 0));
   if (t == &PyLong_Type) return em__enc_int(e, o);
-  if (t == &PyFloat_Type) return msgpack_pack_double(&e->p->pk, PyFloat_AS_DOUBLE(o));
+  if (t == &PyFloat_Type) return em__enc_put(e, o, em_put_double(e->p, PyFloat_AS_DOUBLE(o)));
   if (t == &PyDict_Type) return em__enc_dict_items(e, o, o);
   if (t == &PyList_Type) return em__enc_seq(e, o, 0);
   if (t == &PyTuple_Type) return em__enc_seq(e, o, EM_EXT_TUPLE_TAG);
-  if (t == &PyBytes_Type) return msgpack_pack_bin_with_body(&e->p->pk, PyBytes_AS_STRING(o), (size_t)PyBytes_GET_SIZE(o));
+  if (t == &PyBytes_Type)
+    return em__enc_put(e, o, em_put_bin(e->p, PyBytes_AS_STRING(o), (size_t)PyBytes_GET_SIZE(o)));
   if (em_py.ndarray_type && PyObject_TypeCheck(o, (PyTypeObject *)em_py.ndarray_type)) return em__enc_array(e, o, 0);
   /* subclasses and the rest */
   if (em_py.generic_type && PyObject_TypeCheck(o, (PyTypeObject *)em_py.generic_type)) return em__enc_array(e, o, 1);
-  if (PyBool_Check(o)) return o == Py_True ? msgpack_pack_true(&e->p->pk) : msgpack_pack_false(&e->p->pk);
+  if (PyBool_Check(o)) return em__enc_put(e, o, em_put_bool(e->p, o == Py_True));
   if (PyLong_Check(o)) return em__enc_int(e, o);
-  if (PyFloat_Check(o)) return msgpack_pack_double(&e->p->pk, PyFloat_AsDouble(o));
+  if (PyFloat_Check(o)) return em__enc_put(e, o, em_put_double(e->p, PyFloat_AsDouble(o)));
   if (PyUnicode_Check(o)) {
     Py_ssize_t n;
     const char *s = PyUnicode_AsUTF8AndSize(o, &n);
     if (!s) return em__enc_fail(e, o, "string is not valid unicode");
-    return msgpack_pack_str_with_body(&e->p->pk, s, (size_t)n);
+    return em__enc_put(e, o, em_put_str(e->p, s, (size_t)n));
   }
   if (PyDict_Check(o)) return em__enc_dict_items(e, o, o);
   if (PyList_Check(o)) return em__enc_seq(e, o, 0);
   if (PyTuple_Check(o)) return em__enc_seq(e, o, EM_EXT_TUPLE_TAG);
-  if (PyBytes_Check(o)) return msgpack_pack_bin_with_body(&e->p->pk, PyBytes_AS_STRING(o), (size_t)PyBytes_GET_SIZE(o));
-  if (PyByteArray_Check(o)) return msgpack_pack_bin_with_body(&e->p->pk, PyByteArray_AS_STRING(o), (size_t)PyByteArray_GET_SIZE(o));
+  if (PyBytes_Check(o))
+    return em__enc_put(e, o, em_put_bin(e->p, PyBytes_AS_STRING(o), (size_t)PyBytes_GET_SIZE(o)));
+  if (PyByteArray_Check(o))
+    return em__enc_put(e, o, em_put_bin(e->p, PyByteArray_AS_STRING(o), (size_t)PyByteArray_GET_SIZE(o)));
   if (PyAnySet_Check(o)) {
     PyObject *l = PySequence_List(o);
     if (!l) return -1;
@@ -284,7 +302,7 @@ static int em__enc_value(em__enc *e, PyObject *o) {
   if (PyMemoryView_Check(o)) {
     PyObject *b = PyBytes_FromObject(o);
     if (!b) return em__enc_fail(e, o, "memoryview cannot be read");
-    int r = msgpack_pack_bin_with_body(&e->p->pk, PyBytes_AS_STRING(b), (size_t)PyBytes_GET_SIZE(b));
+    int r = em__enc_put(e, o, em_put_bin(e->p, PyBytes_AS_STRING(b), (size_t)PyBytes_GET_SIZE(b)));
     Py_DECREF(b);
     return r;
   }
@@ -330,6 +348,7 @@ int em_py_encode(em_payload *p, em_py_keep *keep, PyObject *obj, const char *roo
 typedef struct {
   const em_msg *m;
   PyObject *bufobj; /* FrameBuffer, made on the first array */
+  em_reader r;
 } em__dec;
 
 typedef struct {
@@ -442,59 +461,88 @@ static PyObject *em__make_array_fast(PyObject *buf, Py_ssize_t off, const char *
   return v;
 }
 
-static PyObject *em__dec_value(em__dec *d, const msgpack_object *o) {
-  switch (o->type) {
-    case MSGPACK_OBJECT_NIL: Py_RETURN_NONE;
-    case MSGPACK_OBJECT_BOOLEAN: return PyBool_FromLong(o->via.boolean);
-    case MSGPACK_OBJECT_POSITIVE_INTEGER: return PyLong_FromUnsignedLongLong(o->via.u64);
-    case MSGPACK_OBJECT_NEGATIVE_INTEGER: return PyLong_FromLongLong(o->via.i64);
-    case MSGPACK_OBJECT_FLOAT32:
-    case MSGPACK_OBJECT_FLOAT64: return PyFloat_FromDouble(o->via.f64);
-    case MSGPACK_OBJECT_STR: {
-      PyObject *s = PyUnicode_DecodeUTF8(o->via.str.ptr, o->via.str.size, NULL);
+static PyObject *em__dec_array(em__dec *d, const em_value *v) {
+  em_array a;
+  if (em_value_ndarray(v, &a) != EM_OK) return em__dec_fail("malformed array");
+  if (!d->bufobj) {
+    em__framebuf *f = PyObject_New(em__framebuf, &em_py_framebuf_type);
+    if (!f) return NULL;
+    f->buf = em_buf_retain(d->m->buf);
+    f->len = (Py_ssize_t)d->m->frame_bytes;
+    d->bufobj = (PyObject *)f;
+  }
+  PyObject *shape = PyTuple_New(a.ndim);
+  if (!shape) return NULL;
+  for (uint32_t i = 0; i < a.ndim; i++) {
+    PyObject *n = PyLong_FromUnsignedLongLong(a.shape[i]);
+    if (!n) {
+      Py_DECREF(shape);
+      return NULL;
+    }
+    PyTuple_SET_ITEM(shape, i, n);
+  }
+  Py_ssize_t off = (Py_ssize_t)((const uint8_t *)a.data - em_buf_data(d->m->buf));
+  PyObject *r = em__make_array_fast(d->bufobj, off, a.dtype, shape, a.is_scalar);
+  if (!r && !PyErr_Occurred()) { /* dtype not seen yet: numpy parses it */
+    r = PyObject_CallFunction(em_py.make_array, "OnsOi", d->bufobj, off, a.dtype, shape, a.is_scalar);
+    if (r && !a.is_scalar) em__dtype_remember(a.dtype, r);
+  }
+  if (!r && PyErr_ExceptionMatches(PyExc_ValueError)) /* numpy refused the shape or dtype */
+    em__dec_fail_from(PyExc_ValueError, "numpy cannot make this array (shape or dtype out of range)");
+  Py_DECREF(shape);
+  return r;
+}
+
+/* The next value of the body and everything inside it, straight from the
+ * bytes (one pass: the reader checks each token as it goes). */
+static PyObject *em__dec_next(em__dec *d) {
+  em_value v;
+  if (em_read(&d->r, &v) != EM_OK) return em__dec_fail(em_reader_why(&d->r));
+  switch (v.type) {
+    case EM_T_NIL: Py_RETURN_NONE;
+    case EM_T_BOOL: return PyBool_FromLong(v.as.b);
+    case EM_T_INT: return PyLong_FromLongLong(v.as.i);
+    case EM_T_UINT: return PyLong_FromUnsignedLongLong(v.as.u);
+    case EM_T_FLOAT: return PyFloat_FromDouble(v.as.f);
+    case EM_T_STR: {
+      PyObject *s = PyUnicode_DecodeUTF8(v.as.str, v.len, NULL);
       return s ? s : em__dec_fail_from(PyExc_UnicodeDecodeError, "string is not valid UTF-8");
     }
-    case MSGPACK_OBJECT_BIN: return PyBytes_FromStringAndSize(o->via.bin.ptr, o->via.bin.size);
-    case MSGPACK_OBJECT_ARRAY: {
-      uint32_t n = o->via.array.size;
-      const msgpack_object *it = o->via.array.ptr;
-      int tag = 0;
-      if (n && it[0].type == MSGPACK_OBJECT_EXT &&
-          (it[0].via.ext.type == EM_EXT_TUPLE_TAG || it[0].via.ext.type == EM_EXT_SET_TAG)) {
-        tag = it[0].via.ext.type;
-        it++;
-        n--;
-      }
-      PyObject *seq = tag == EM_EXT_TUPLE_TAG ? PyTuple_New(n) : PyList_New(n);
+    case EM_T_BIN: return PyBytes_FromStringAndSize((const char *)v.as.bin, v.len);
+    case EM_T_LIST:
+    case EM_T_TUPLE:
+    case EM_T_SET: {
+      uint32_t n = v.len;
+      PyObject *seq = v.type == EM_T_TUPLE ? PyTuple_New(n) : PyList_New(n);
       if (!seq) return NULL;
       for (uint32_t i = 0; i < n; i++) {
-        PyObject *v = em__dec_value(d, &it[i]);
-        if (!v) {
+        PyObject *e = em__dec_next(d);
+        if (!e) {
           Py_DECREF(seq);
           return NULL;
         }
-        if (tag == EM_EXT_TUPLE_TAG) PyTuple_SET_ITEM(seq, i, v);
-        else PyList_SET_ITEM(seq, i, v);
+        if (v.type == EM_T_TUPLE) PyTuple_SET_ITEM(seq, i, e);
+        else PyList_SET_ITEM(seq, i, e);
       }
-      if (tag == EM_EXT_SET_TAG) {
+      if (v.type == EM_T_SET) {
         PyObject *set = PySet_New(seq);
         Py_DECREF(seq);
         return set ? set : em__dec_fail_from(PyExc_TypeError, "set element is not hashable");
       }
       return seq;
     }
-    case MSGPACK_OBJECT_MAP: {
-      PyObject *dict = PyDict_New();
+    case EM_T_MAP: {
+      PyObject *dict = _PyDict_NewPresized(v.len);
       if (!dict) return NULL;
-      for (uint32_t i = 0; i < o->via.map.size; i++) {
-        PyObject *k = em__dec_value(d, &o->via.map.ptr[i].key);
-        PyObject *v = k ? em__dec_value(d, &o->via.map.ptr[i].val) : NULL;
-        int r = v ? PyDict_SetItem(dict, k, v) : -1;
+      for (uint32_t i = 0; i < v.len; i++) {
+        PyObject *k = em__dec_next(d);
+        PyObject *e = k ? em__dec_next(d) : NULL;
+        int r = e ? PyDict_SetItem(dict, k, e) : -1;
         Py_XDECREF(k);
-        Py_XDECREF(v);
+        Py_XDECREF(e);
         if (r) {
           Py_DECREF(dict);
-          if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+          if (e && PyErr_ExceptionMatches(PyExc_TypeError)) {
             PyErr_Clear();
             return em__dec_fail("map key is not hashable");
           }
@@ -503,70 +551,40 @@ static PyObject *em__dec_value(em__dec *d, const msgpack_object *o) {
       }
       return dict;
     }
-    case MSGPACK_OBJECT_EXT: {
-      if (o->via.ext.type != EM_EXT_ARRAY) return em__dec_fail("unknown ext type");
-      em_array a;
-      if (em_obj_array(d->m, o, &a) != EM_OK) return em__dec_fail("malformed array");
-      if (!d->bufobj) {
-        em__framebuf *f = PyObject_New(em__framebuf, &em_py_framebuf_type);
-        if (!f) return NULL;
-        f->buf = em_buf_retain(d->m->buf);
-        f->len = (Py_ssize_t)d->m->frame_bytes;
-        d->bufobj = (PyObject *)f;
-      }
-      PyObject *shape = PyTuple_New(a.ndim);
-      if (!shape) return NULL;
-      for (uint32_t i = 0; i < a.ndim; i++) {
-        PyObject *n = PyLong_FromUnsignedLongLong(a.shape[i]);
-        if (!n) {
-          Py_DECREF(shape);
-          return NULL;
-        }
-        PyTuple_SET_ITEM(shape, i, n);
-      }
-      Py_ssize_t off = (Py_ssize_t)((const uint8_t *)a.data - em_buf_data(d->m->buf));
-      PyObject *r = em__make_array_fast(d->bufobj, off, a.dtype, shape, a.is_scalar);
-      if (!r && !PyErr_Occurred()) { /* dtype not seen yet: numpy parses it */
-        r = PyObject_CallFunction(em_py.make_array, "OnsOi", d->bufobj, off, a.dtype, shape, a.is_scalar);
-        if (r && !a.is_scalar) em__dtype_remember(a.dtype, r);
-      }
-      if (!r && PyErr_ExceptionMatches(PyExc_ValueError)) /* numpy refused the shape or dtype */
-        em__dec_fail_from(PyExc_ValueError, "numpy cannot make this array (shape or dtype out of range)");
-      Py_DECREF(shape);
-      return r;
-    }
-    default: return em__dec_fail("unsupported msgpack type");
+    case EM_T_NDARRAY: return em__dec_array(d, &v);
+    default: return em__dec_fail("unknown ext type");
   }
 }
 
 PyObject *em_py_decode(const em_msg *m, PyObject **request_method) {
-  msgpack_zone zone;
-  msgpack_zone_init(&zone, 2048);
-  msgpack_object o;
+  em__dec d;
+  d.m = m;
+  d.bufobj = NULL;
+  em_reader_init(&d.r, m);
   PyObject *r = NULL;
-  const char *why = "malformed msgpack";
-  if (em__body_check(m, &why) != EM_OK) {
-    msgpack_zone_destroy(&zone);
-    return em__dec_fail(why);
-  }
-  size_t off = 0;
-  if (msgpack_unpack((const char *)m->body, m->body_len, &off, &zone, &o) != MSGPACK_UNPACK_SUCCESS) {
-    msgpack_zone_destroy(&zone);
-    return em__dec_fail("malformed msgpack");
-  }
-  em__dec d = {m, NULL};
   if (request_method) {
-    if (o.type != MSGPACK_OBJECT_ARRAY || o.via.array.size != 2 || o.via.array.ptr[0].type != MSGPACK_OBJECT_STR) {
+    em_value v;
+    *request_method = NULL;
+    if (em_read(&d.r, &v) != EM_OK) {
+      r = em__dec_fail(em_reader_why(&d.r));
+    } else if (v.type != EM_T_LIST || v.len != 2) {
+      r = em__dec_fail("a request body must be [method, payload]");
+    } else if (!(*request_method = em__dec_next(&d))) {
+      r = NULL;
+    } else if (!PyUnicode_Check(*request_method)) {
+      Py_CLEAR(*request_method);
       r = em__dec_fail("a request body must be [method, payload]");
     } else {
-      *request_method = em__dec_value(&d, &o.via.array.ptr[0]);
-      r = *request_method ? em__dec_value(&d, &o.via.array.ptr[1]) : NULL;
-      if (!r) Py_CLEAR(*request_method);
+      r = em__dec_next(&d);
     }
   } else {
-    r = em__dec_value(&d, &o);
+    r = em__dec_next(&d);
   }
+  if (r && em_reader_finish(&d.r) != EM_OK) {
+    Py_CLEAR(r);
+    em__dec_fail(em_reader_why(&d.r));
+  }
+  if (!r && request_method) Py_CLEAR(*request_method);
   Py_XDECREF(d.bufobj);
-  msgpack_zone_destroy(&zone);
   return r;
 }

@@ -36,11 +36,8 @@ typedef struct {
   /* One payload kept between calls so a call does not allocate its buffers;
    * a call made while another thread's call uses it builds its own.
    * spare_busy is read and written with the GIL held. */
-  em_payload spare;
-  int spare_ok, spare_busy;
-  /* encode/decode stage histograms, kept here under the GIL (no extra lock
-   * per call); stats() reports them with the core's stages */
-  em__hist *codec_hist; /* [2]: encode, decode */
+  em_payload *spare;
+  int spare_busy;
 } em__pyclient;
 
 static int em__check_interrupt(void *ud) {
@@ -126,11 +123,7 @@ static int em__client_init(PyObject *self, PyObject *args, PyObject *kw) {
     return -1;
   }
   if (em__dial_args(args, kw, &host, &port, &o, c->where, sizeof c->where)) return -1;
-  if (!c->spare_ok) c->spare_ok = em_payload_init(&c->spare) == EM_OK;
-  if (!c->codec_hist && !(c->codec_hist = PyMem_Calloc(2, sizeof *c->codec_hist))) {
-    PyErr_NoMemory();
-    return -1;
-  }
+  if (!c->spare) c->spare = em_payload_new(); /* NULL: each call builds its own */
   o.check_interrupt = em__check_interrupt;
   char why[300] = "";
   o.errbuf = why;
@@ -165,10 +158,8 @@ static void em__client_dealloc(PyObject *self) {
     em_client_close(cc);
     Py_END_ALLOW_THREADS
   }
-  if (c->spare_ok) em_payload_destroy(&c->spare);
-  c->spare_ok = 0;
-  PyMem_Free(c->codec_hist);
-  c->codec_hist = NULL;
+  em_payload_free(c->spare);
+  c->spare = NULL;
   Py_TYPE(self)->tp_free(self);
 }
 
@@ -233,11 +224,11 @@ static PyObject *em__client_call(PyObject *self, PyObject *args) {
   uint64_t tmo;
   if (em__py_timeout(timeout, "timeout", &tmo)) return NULL;
   if (em_client_forked(c->c) && em__client_reopen(c)) return NULL;
-  em_payload own, *pp = &own;
-  if (c->spare_ok && !c->spare_busy) {
-    pp = &c->spare;
+  em_payload *pp;
+  if (c->spare && !c->spare_busy) {
+    pp = c->spare;
     c->spare_busy = 1;
-  } else if (em_payload_init(&own)) {
+  } else if (!(pp = em_payload_new())) {
     return PyErr_NoMemory();
   }
   em_payload *const p = pp;
@@ -250,9 +241,8 @@ static PyObject *em__client_call(PyObject *self, PyObject *args) {
     em_payload_begin_request(p, method, (size_t)method_len);
     if (em_py_encode(p, &keep, payload, "payload") != 0) goto done;
     enc_ns = (int64_t)(em_mono_ns() - t_enc);
-    if (c->codec_hist) em__hist_add(&c->codec_hist[0], enc_ns);
   } else {
-    msgpack_pack_nil(&p->pk);
+    em_put_nil(p);
   }
   /* taken only now: encoding may run Python code (__array__, ...) that lets
    * another thread close the client */
@@ -267,7 +257,6 @@ static PyObject *em__client_call(PyObject *self, PyObject *args) {
   Py_BEGIN_ALLOW_THREADS
   rc = em_client_request_timed(cc, (uint8_t)type, p, tmo, &reply, &timing);
   Py_END_ALLOW_THREADS
-  em__client_leave(c);
   em_py_keep_release(&keep);
   if (rc == EM_OK || rc == EM_EREMOTE) {
     uint64_t t_dec = em_mono_ns();
@@ -275,7 +264,8 @@ static PyObject *em__client_call(PyObject *self, PyObject *args) {
     if (v && type == EM_MSG_REQUEST) {
       timing.stage[EM_STAGE_ENCODE] = enc_ns;
       timing.stage[EM_STAGE_DECODE] = (int64_t)(em_mono_ns() - t_dec);
-      if (c->codec_hist) em__hist_add(&c->codec_hist[1], timing.stage[EM_STAGE_DECODE]);
+      em_client_note(cc, EM_STAGE_ENCODE, enc_ns);
+      em_client_note(cc, EM_STAGE_DECODE, timing.stage[EM_STAGE_DECODE]);
     }
     if (v && timed) {
       PyObject *t = em__timing_tuple(&timing);
@@ -295,19 +285,16 @@ static PyObject *em__client_call(PyObject *self, PyObject *args) {
   } else {
     em_py_raise(rc, "call '%s' to %s failed: %s", method, c->where, em_strerror(rc));
   }
+  em__client_leave(c); /* after the notes: cc lives while we are in flight */
   em_msg_free(reply);
 done:
   em_py_keep_release(&keep);
   PyMem_Free(keep.views);
-  if (p == &c->spare) {
-    em_payload_reset(p);
-    if (p->sbuf.alloc > (1u << 18)) { /* do not keep a large in-band body's buffer */
-      em_payload_destroy(p);
-      c->spare_ok = em_payload_init(p) == EM_OK;
-    }
+  if (p == c->spare) {
+    em_payload_reset(p); /* keeps at most 256 KiB of its buffer (payload.c) */
     c->spare_busy = 0;
   } else {
-    em_payload_destroy(p);
+    em_payload_free(p);
   }
   return result;
 }
@@ -320,10 +307,6 @@ static PyObject *em__client_stats(PyObject *self, PyObject *unused) {
   if (!c->c) return em_py_raise(EM_ECLOSED, "client for %s is closed", c->where);
   em_client_stats st;
   em_client_get_stats(c->c, &st);
-  if (c->codec_hist) {
-    em__hist_summary(&c->codec_hist[0], &st.stage[EM_STAGE_ENCODE]);
-    em__hist_summary(&c->codec_hist[1], &st.stage[EM_STAGE_DECODE]);
-  }
   PyObject *stages = PyDict_New();
   if (!stages) return NULL;
   for (int i = 0; i < EM_STAGE_COUNT; i++) {
@@ -346,7 +329,6 @@ static PyObject *em__client_stats(PyObject *self, PyObject *unused) {
 static PyObject *em__client_reset_stats(PyObject *self, PyObject *unused) {
   em__pyclient *c = (em__pyclient *)self;
   if (c->c) em_client_reset_stats(c->c);
-  if (c->codec_hist) memset(c->codec_hist, 0, 2 * sizeof *c->codec_hist);
   Py_RETURN_NONE;
 }
 
@@ -441,7 +423,10 @@ typedef struct {
   PyObject *log;           /* fn(level, msg) */
   PyThreadState *tstate;   /* the loop thread's, while run() runs */
   PyObject *pending;       /* exception that stopped run() (Ctrl-C) */
-  em_py_keep *keeps;       /* views held by replies still being written */
+  /* replies whose write finished: their views are released the next
+   * time this server holds the GIL (a handler, a tick, the end of run,
+   * close), so the loop thread never takes the GIL just to release them */
+  _Atomic(struct em__reply_keep *) released;
   int check_signals;
   int running;
   /* Threads in stop() or publish() with the GIL released, and a server
@@ -451,27 +436,41 @@ typedef struct {
   em_server *dying;
 } em__pyserver;
 
+typedef struct em__reply_keep {
+  struct em__reply_keep *next;
+  em__pyserver *srv;
+  em_py_keep keep;
+} em__reply_keep;
+
+/* Runs when a reply's arrays are no longer needed (the loop thread, or the
+ * thread that closes the server; no GIL): queue them, lock-free. */
+static void em__release_reply(void *ctx) {
+  em__reply_keep *k = ctx;
+  em__pyserver *s = k->srv;
+  k->next = atomic_load(&s->released);
+  while (!atomic_compare_exchange_weak(&s->released, &k->next, k)) {
+  }
+}
+
+/* Release the views of replies already written. GIL held. */
+static void em__drain_released(em__pyserver *s) {
+  em__reply_keep *k = atomic_exchange(&s->released, NULL);
+  while (k) {
+    em__reply_keep *next = k->next;
+    em_py_keep_release(&k->keep);
+    PyMem_Free(k->keep.views);
+    PyMem_Free(k);
+    k = next;
+  }
+}
+
 static void em__server_leave(em__pyserver *s) {
   if (--s->users == 0 && s->dying) {
     em_server *d = s->dying;
     s->dying = NULL;
     em_server_close(d);
+    em__drain_released(s);
   }
-}
-
-typedef struct {
-  em__pyserver *srv;
-  em_py_keep keep;
-} em__reply_keep;
-
-/* Runs when a reply's arrays are no longer needed (loop thread, no GIL). */
-static void em__release_reply(void *ctx) {
-  em__reply_keep *k = ctx;
-  PyGILState_STATE g = PyGILState_Ensure();
-  em_py_keep_release(&k->keep);
-  PyMem_Free(k->keep.views);
-  PyMem_Free(k);
-  PyGILState_Release(g);
 }
 
 static int em__pack_exception(em__pyserver *s, em_payload *reply) {
@@ -488,8 +487,7 @@ static int em__pack_exception(em__pyserver *s, em_payload *reply) {
   em_py_keep k = {0};
   if (!info || em_py_encode(reply, &k, info, "error") != 0) {
     PyErr_Clear();
-    em_payload_reset(reply);
-    em__pack_error(reply, "RuntimeError", "the handler failed and its error could not be reported", NULL);
+    em_payload_begin_error(reply, "RuntimeError", "the handler failed and its error could not be reported", NULL, 0);
   }
   em_py_keep_release(&k);
   PyMem_Free(k.views);
@@ -500,6 +498,7 @@ static int em__pack_exception(em__pyserver *s, em_payload *reply) {
 static int em__handler(void *ud, const em_msg *req, em_payload *reply) {
   em__pyserver *s = ud;
   PyEval_RestoreThread(s->tstate);
+  em__drain_released(s);
   int type = EM_MSG_REPLY;
   PyObject *method = NULL;
   PyObject *payload = em_py_decode(req, &method);
@@ -539,8 +538,7 @@ static int em__handler(void *ud, const em_msg *req, em_payload *reply) {
   Py_DECREF(res);
   if (k->keep.n) {
     k->srv = s;
-    reply->release = em__release_reply;
-    reply->release_ctx = k;
+    em_payload_on_release(reply, em__release_reply, k);
   } else {
     PyMem_Free(k->keep.views);
     PyMem_Free(k);
@@ -554,6 +552,7 @@ static int em__tick(void *ud) {
   em__pyserver *s = ud;
   if (!s->check_signals) return 0;
   PyEval_RestoreThread(s->tstate);
+  em__drain_released(s);
   int stop = 0;
   if (PyErr_CheckSignals() < 0) {
     PyObject *t, *v, *tb;
@@ -677,6 +676,7 @@ static PyObject *em__server_run(PyObject *self, PyObject *args) {
   PyEval_RestoreThread(s->tstate);
   s->tstate = NULL;
   s->running = 2;
+  em__drain_released(s);
   PyObject *pending = s->pending;
   s->pending = NULL;
   Py_DECREF(self);
@@ -713,11 +713,11 @@ static PyObject *em__server_stop(PyObject *self, PyObject *args) {
 static PyObject *em__server_publish(PyObject *self, PyObject *obj) {
   em__pyserver *s = (em__pyserver *)self;
   if (!s->s) return em_py_raise(EM_ECLOSED, "server is closed");
-  em_payload p;
-  if (em_payload_init(&p)) return PyErr_NoMemory();
+  em_payload *p = em_payload_new();
+  if (!p) return PyErr_NoMemory();
   em_py_keep keep = {0};
   PyObject *result = NULL;
-  if (em_py_encode(&p, &keep, obj, "payload") == 0 && !s->s) {
+  if (em_py_encode(p, &keep, obj, "payload") == 0 && !s->s) {
     em_py_raise(EM_ECLOSED, "cannot publish: the server is closed"); /* closed while encoding */
   } else if (!PyErr_Occurred()) {
     uint64_t version = 0;
@@ -725,7 +725,7 @@ static PyObject *em__server_publish(PyObject *self, PyObject *obj) {
     em_server *ss = s->s;
     s->users++;
     Py_BEGIN_ALLOW_THREADS
-    rc = em_server_publish(ss, &p, &version);
+    rc = em_server_publish(ss, p, &version);
     Py_END_ALLOW_THREADS
     em__server_leave(s);
     if (rc == EM_OK) result = PyLong_FromUnsignedLongLong(version);
@@ -736,7 +736,7 @@ static PyObject *em__server_publish(PyObject *self, PyObject *obj) {
   }
   em_py_keep_release(&keep);
   PyMem_Free(keep.views);
-  em_payload_destroy(&p);
+  em_payload_free(p);
   return result;
 }
 
@@ -781,6 +781,7 @@ static void em__server_free(em__pyserver *s) {
     }
     s->s = NULL;
   }
+  em__drain_released(s);
 }
 
 static PyObject *em__server_close(PyObject *self, PyObject *unused) {
@@ -978,77 +979,44 @@ static PyObject *em__encode_frame(PyObject *m, PyObject *args) {
   int type = EM_MSG_REPLY;
   unsigned long long req_id = 0;
   if (!PyArg_ParseTuple(args, "O|iK", &obj, &type, &req_id)) return NULL;
-  em_payload p;
-  if (em_payload_init(&p)) return PyErr_NoMemory();
+  em_payload *p = em_payload_new();
+  if (!p) return PyErr_NoMemory();
   em_py_keep keep = {0};
   PyObject *out = NULL;
-  if (em_py_encode(&p, &keep, obj, "payload") == 0) {
-    size_t cap = em__payload_iov_cap(&p);
-    struct iovec *iov = PyMem_Malloc(cap * sizeof *iov);
-    uint64_t flen;
-    uint64_t ts[4] = {0, 0, 0, 0};
-    int n = iov ? em__payload_frame(&p, (uint8_t)type, 0, req_id, ts, iov, &flen) : EM_ENOMEM;
-    if (n >= 0) {
-      out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)flen);
-      if (out) {
-        char *d = PyBytes_AS_STRING(out);
-        for (int i = 0; i < n; i++) {
-          memcpy(d, iov[i].iov_base, iov[i].iov_len);
-          d += iov[i].iov_len;
-        }
-      }
+  if (em_py_encode(p, &keep, obj, "payload") == 0) {
+    uint8_t *data;
+    size_t len;
+    int rc = em_frame_encode(p, (uint8_t)type, req_id, &data, &len);
+    if (rc == EM_OK) {
+      out = PyBytes_FromStringAndSize((const char *)data, (Py_ssize_t)len);
+      free(data);
     } else {
-      em_py_raise(n, "cannot frame the payload: %s", em_strerror(n));
+      em_py_raise(rc, "cannot frame the payload: %s", em_strerror(rc));
     }
-    PyMem_Free(iov);
   }
   em_py_keep_release(&keep);
   PyMem_Free(keep.views);
-  em_payload_destroy(&p);
+  em_payload_free(p);
   return out;
 }
 
 static PyObject *em__decode_frame(PyObject *m, PyObject *args) {
   Py_buffer b;
-  unsigned long long max_bytes = EM__DEFAULT_MAX_MESSAGE;
+  unsigned long long max_bytes = 0;
   if (!PyArg_ParseTuple(args, "y*|K", &b, &max_bytes)) return NULL;
-  em_pool *pool = em__pool_new(0);
-  em__reader r;
-  PyObject *out = NULL;
-  if (!pool || em__reader_init(&r, pool, max_bytes)) {
-    PyBuffer_Release(&b);
-    if (pool) em__pool_release(pool);
-    return PyErr_NoMemory();
-  }
-  size_t off = 0;
   em_msg *msg = NULL;
   const char *why = "truncated frame";
-  int rc = 0;
-  while (rc == 0 && off < (size_t)b.len) {
-    uint8_t *dst;
-    size_t n;
-    em__reader_region(&r, &dst, &n);
-    n = EM__MIN(n, (size_t)b.len - off);
-    memcpy(dst, (const uint8_t *)b.buf + off, n);
-    off += n;
-    em__reader_commit(&r, n);
-    rc = em__reader_next(&r, &msg, &why);
-  }
-  if (rc == 1 && msg->frame_bytes != (size_t)b.len) {
-    em_py_raise(EM_EPROTO, "bad frame: %zd bytes after the frame (decode_frame takes exactly one frame)",
-                b.len - (Py_ssize_t)msg->frame_bytes);
-    em_msg_free(msg);
-  } else if (rc == 1) {
+  PyObject *out = NULL;
+  int rc = em_frame_decode(b.buf, (size_t)b.len, max_bytes, &msg, &why);
+  if (rc == EM_OK) {
     PyObject *v = em_py_decode(msg, NULL);
     if (v)
       out = Py_BuildValue("{sisKsNsn}", "type", msg->type, "req_id", (unsigned long long)msg->req_id,
                           "payload", v, "frame_bytes", (Py_ssize_t)msg->frame_bytes);
     em_msg_free(msg);
   } else {
-    em_py_raise(rc ? rc : EM_EPROTO, "bad frame: %s", why);
+    em_py_raise(rc, "bad frame: %s", why);
   }
-  em__reader_destroy(&r);
-  em__pool_release(pool);
   PyBuffer_Release(&b);
   return out;
 }
@@ -1085,7 +1053,7 @@ PyMODINIT_FUNC PyInit__core(void) {
   PyModule_AddIntConstant(m, "MSG_AUTH", EM_MSG_AUTH);
   PyModule_AddIntConstant(m, "MSG_OK", EM_MSG_OK);
   PyModule_AddIntConstant(m, "MSG_ERROR", EM_MSG_ERROR);
-  PyModule_AddIntConstant(m, "DEFAULT_MAX_MESSAGE_BYTES", (long)EM__DEFAULT_MAX_MESSAGE);
+  PyModule_AddIntConstant(m, "DEFAULT_MAX_MESSAGE_BYTES", (long)EM_DEFAULT_MAX_MESSAGE_BYTES);
   PyModule_AddStringConstant(m, "VERSION", EM_VERSION_STRING);
   return m;
 }

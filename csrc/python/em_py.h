@@ -6,7 +6,12 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
-#include "../rpc/em_rpc.h"
+#include <edgeml.h> /* the public header only: the binding is a user of the library */
+
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdlib.h>
+#include <string.h>
 
 /* Python objects the codec needs, set once by edgeml._codec at import. */
 typedef struct em_py_state {

@@ -29,6 +29,13 @@ static void em__payload_release(em_payload *p) {
 void em_payload_reset(em_payload *p) {
   em__payload_release(p);
   p->sbuf.size = EM_FRAME_HEADER_BYTES;
+  if (p->sbuf.alloc > (256u << 10)) { /* do not keep a large in-band body's buffer */
+    char *d = realloc(p->sbuf.data, 4096);
+    if (d) {
+      p->sbuf.data = d;
+      p->sbuf.alloc = 4096;
+    }
+  }
   p->nblobs = 0;
   p->err = 0;
   p->depth = 0;
