@@ -491,8 +491,41 @@ out:
   return rc;
 }
 
+static int tr_dispatch(em_trainer_server *s, const em_msg *req, em_payload *reply);
+
+/* A reply holding arrays keeps the request's frame memory until it has
+ * been sent, so a callback may answer with the request's arrays
+ * (em_put_value); chained after a release hook the callback set. */
+typedef struct tr_keep {
+  void (*fn)(void *ctx);
+  void *ctx;
+  em_buf *buf;
+} tr_keep;
+
+static void tr_keep_release(void *ud) {
+  tr_keep *k = ud;
+  if (k->fn) k->fn(k->ctx);
+  em_buf_release(k->buf);
+  free(k);
+}
+
+static void tr_reply_keep(em_payload *reply, const em_msg *req) {
+  if (!reply->nblobs || !req->buf) return;
+  tr_keep *k = malloc(sizeof *k);
+  if (!k) return; /* the callback's own hook still runs */
+  k->fn = reply->release;
+  k->ctx = reply->release_ctx;
+  k->buf = em_buf_retain(req->buf);
+  em_payload_on_release(reply, tr_keep_release, k);
+}
+
 static int tr_handler(void *ud, const em_msg *req, em_payload *reply) {
-  em_trainer_server *s = ud;
+  int rc = tr_dispatch(ud, req, reply);
+  tr_reply_keep(reply, req);
+  return rc;
+}
+
+static int tr_dispatch(em_trainer_server *s, const em_msg *req, em_payload *reply) {
   em_value method, payload;
   if (em_msg_request(req, &method, &payload))
     return em__error_reply(reply, "edgeml.DecodeError", 0, "a request body must be [method: str, payload]");
@@ -1156,28 +1189,6 @@ int em_trainer_update(em_trainer_client *c, uint64_t timeout_ns) {
   return rc;
 }
 
-/* Append the payload's one value to req (as em__request_wrap does after
- * the method): its bytes copied, its arrays borrowed; req has no arrays
- * of its own yet. */
-static int tr_put_payload(em_payload *req, em_payload *value) {
-  if (!value) return em_put_nil(req);
-  if (em__payload_ready(value) || value->roots != 1) return EM_EENCODE;
-  if (req->err || req->depth == 0 || req->nblobs) return EM_EENCODE;
-  size_t body = value->sbuf.size - EM_FRAME_HEADER_BYTES;
-  if (msgpack_sbuffer_write(&req->sbuf, value->sbuf.data + EM_FRAME_HEADER_BYTES, body)) return EM_ENOMEM;
-  if (value->nblobs) {
-    em_blob *b = malloc(value->nblobs * sizeof *b);
-    if (!b) return EM_ENOMEM;
-    memcpy(b, value->blobs, value->nblobs * sizeof *b);
-    free(req->blobs);
-    req->blobs = b;
-    req->nblobs = req->blobs_cap = value->nblobs;
-  }
-  if (--req->need[req->depth] == 0)
-    while (req->depth > 0 && req->need[req->depth] == 0) req->depth--;
-  return EM_OK;
-}
-
 int em_trainer_train_step(em_trainer_client *c, em_payload *payload, uint64_t timeout_ns, em_msg **reply) {
   *reply = NULL;
   return em__call(c->rpc, "train_step", payload, timeout_ns, reply);
@@ -1194,7 +1205,7 @@ int em_trainer_request(em_trainer_client *c, const char *type, em_payload *paylo
   em_payload_begin_request(&req, "request", 7);
   em_put_list(&req, 2);
   em_put_cstr(&req, type);
-  rc = tr_put_payload(&req, payload);
+  rc = payload ? em__put_payload(&req, payload) : em_put_nil(&req);
   if (!rc) rc = em_client_request(c->rpc, EM_MSG_REQUEST, &req, timeout_ns, reply);
   em_payload_destroy(&req);
   return rc;
