@@ -20,7 +20,10 @@
  * to build or is incomplete, is sent to the caller as an ERROR naming the
  * callback; the connection and the server go on. A reply left empty is
  * sent as nil. Arrays put into a reply are borrowed until the reply's
- * release callback runs (em_payload_on_release). */
+ * release callback runs (em_payload_on_release; it runs on the loop
+ * thread once the reply is written, maybe after later requests were
+ * handled); the request's own arrays may go into the reply as they are
+ * (em_put_value): the role keeps the request's memory until then. */
 #ifndef EDGEML_ROLES_H
 #define EDGEML_ROLES_H
 
@@ -40,8 +43,8 @@ extern "C" {
 
 typedef struct em_infer_server em_infer_server;
 
-/* An interface: `payload` is the request's payload (borrowed for the call;
- * payload->_msg's memory may be kept with em_buf_retain). */
+/* An interface: `payload` is the request's payload (borrowed for the
+ * call, see above for its arrays in the reply). */
 typedef int (*em_interface_fn)(void *ud, const em_value *payload, em_payload *reply);
 
 typedef struct em_infer_server_opts {

@@ -104,8 +104,11 @@ static int em__edge_handle(void *ud, const em_msg *req, em_payload *reply) {
   if (em_msg_request(req, &method, &payload))
     return em__error_reply(reply, "edgeml.InvalidArgumentError", 0,
                            "a request's body must be [method: str, payload]");
-  if (em_value_is(&method, "obs")) return em__edge_obs(s, &payload, reply);
-  if (em_value_is(&method, "act")) return em__edge_act(s, &payload, reply);
+  if (em_value_is(&method, "obs") || em_value_is(&method, "act")) {
+    int rc = em_value_is(&method, "obs") ? em__edge_obs(s, &payload, reply) : em__edge_act(s, &payload, reply);
+    em__reply_keep(reply, req);
+    return rc;
+  }
   em__text t;
   em__text_init(&t);
   em__text_cstr(&t, "an EdgeServer serves 'obs' and 'act', not ");

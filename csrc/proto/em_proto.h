@@ -77,6 +77,12 @@ int em__error_reply(em_payload *reply, const char *type, uint32_t extra, const c
  * the message type to send. */
 int em__finish_reply(em_payload *reply, int rc, const char *what);
 
+/* When `reply` holds arrays, keep the request's frame memory until the
+ * reply's release (chained after a release hook the callback set), so a
+ * callback may put the request's arrays into its reply (em_put_value).
+ * Call after em__finish_reply. */
+void em__reply_keep(em_payload *reply, const em_msg *req);
+
 /* --------------------------------------------------------- compat & hello */
 
 /* One field of a role's compat map (HELLO info "compat"). */

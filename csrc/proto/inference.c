@@ -89,6 +89,10 @@ static int em__infer_handle(void *ud, const em_msg *req, em_payload *reply) {
   void *fud = s->ifaces[i].ud;
   pthread_mutex_unlock(&s->mu); /* not held in the call: it may register */
   int rc = fn(fud, &payload, reply);
+  if ((rc == EM_MSG_REPLY || rc == EM_MSG_ERROR) && reply->roots == 1 && em__payload_ready(reply) == EM_OK) {
+    em__reply_keep(reply, req); /* the usual case: no text to build */
+    return rc;
+  }
   char what[96];
   em__text t;
   em__text_init(&t);
@@ -96,7 +100,9 @@ static int em__infer_handle(void *ud, const em_msg *req, em_payload *reply) {
   em__text_repr_str(&t, method.as.str, method.len > 60 ? 60 : method.len);
   snprintf(what, sizeof what, "%s", t.s ? t.s : "interface");
   em__text_free(&t);
-  return em__finish_reply(reply, rc, what);
+  rc = em__finish_reply(reply, rc, what);
+  em__reply_keep(reply, req);
+  return rc;
 }
 
 int em_infer_server_open(em_infer_server **out, const em_infer_server_opts *opts) {

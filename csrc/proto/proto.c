@@ -280,14 +280,15 @@ int em__error_reply(em_payload *reply, const char *type, uint32_t extra, const c
 int em__finish_reply(em_payload *reply, int rc, const char *what) {
   if (rc != EM_MSG_REPLY && rc != EM_MSG_ERROR) {
     if (rc < 0)
-      return em__error_reply(reply, "RuntimeError", 0, "the %s handler failed: %s (%s)", what, em_errname(rc),
-                             em_strerror(rc));
-    return em__error_reply(reply, "RuntimeError", 0,
-                           "the %s handler returned %d (neither EM_MSG_REPLY nor EM_MSG_ERROR)", what, rc);
+      return em__error_reply(reply, "RuntimeError", 0,
+                             "the %s failed: it returned %d (%s: %s), not EM_MSG_REPLY or EM_MSG_ERROR", what, rc,
+                             em_errname(rc), em_strerror(rc));
+    return em__error_reply(reply, "RuntimeError", 0, "the %s failed: it returned %d, not EM_MSG_REPLY or EM_MSG_ERROR",
+                           what, rc);
   }
   if (!reply->err && reply->roots == 0 && reply->depth == 0 && reply->sbuf.size == EM_FRAME_HEADER_BYTES) {
     if (rc == EM_MSG_ERROR)
-      return em__error_reply(reply, "RuntimeError", 0, "the %s handler failed (an empty error reply)", what);
+      return em__error_reply(reply, "RuntimeError", 0, "the %s failed (it returned EM_MSG_ERROR without an error body)", what);
     em_put_nil(reply); /* nothing written: None, as a Python callback returning nothing */
     return EM_MSG_REPLY;
   }
@@ -295,13 +296,42 @@ int em__finish_reply(em_payload *reply, int rc, const char *what) {
   if (ready || reply->roots != 1) {
     int err = reply->err;
     if (err)
-      return em__error_reply(reply, "edgeml.EncodeError", 0, "the %s handler's reply cannot be sent: %s (%s)", what,
+      return em__error_reply(reply, "edgeml.EncodeError", 0, "the %s's reply cannot be sent: %s (%s)", what,
                              em_errname(err), em_strerror(err));
     return em__error_reply(reply, "edgeml.EncodeError", 0,
-                           "the %s handler's reply is incomplete (a container holds fewer values than declared)",
+                           "the %s's reply is incomplete (a container holds fewer values than declared)",
                            what);
   }
   return rc;
+}
+
+typedef struct em__keep {
+  void (*fn)(void *ctx);
+  void *ctx;
+  em_buf *buf;
+} em__keep;
+
+static void em__keep_release(void *ud) {
+  em__keep *k = ud;
+  if (k->fn) k->fn(k->ctx);
+  em_buf_release(k->buf);
+  free(k);
+}
+
+static void em__buf_release_hook(void *ud) { em_buf_release(ud); }
+
+void em__reply_keep(em_payload *reply, const em_msg *req) {
+  if (!reply->nblobs || !req->buf) return;
+  if (!reply->release) {
+    em_payload_on_release(reply, em__buf_release_hook, em_buf_retain(req->buf));
+    return;
+  }
+  em__keep *k = malloc(sizeof *k);
+  if (!k) return; /* the callback's own hook still runs; its arrays are its business */
+  k->fn = reply->release;
+  k->ctx = reply->release_ctx;
+  k->buf = em_buf_retain(req->buf);
+  em_payload_on_release(reply, em__keep_release, k);
 }
 
 /* --------------------------------------------------------- compat & hello */
