@@ -152,14 +152,16 @@ static int em__connect(em_client *c, uint64_t deadline) {
 static int em__connect_attempt(void *ud, uint64_t deadline) { return em__connect(ud, deadline); }
 
 /* Re-dial at a call after the connection broke. A refused connect (a server
- * restarting) is retried with backoff (20 ms doubling to 500 ms) for up to
- * connect_timeout, within the call's deadline; em_client_shutdown ends the
- * wait at once. wmu and mu held (mu is released while waiting). */
+ * restarting) is retried with the reconnect policy's backoff (em_rpc.h) for
+ * up to connect_timeout, within the call's deadline (connect_timeout 0: one
+ * attempt); em_client_shutdown ends the wait at once. wmu and mu held (mu
+ * is released while waiting). */
 static int em__reconnect(em_client *c, uint64_t deadline) {
   uint64_t start = em_mono_ns();
   uint64_t until = c->opts.connect_timeout_ns ? em__deadline(c->opts.connect_timeout_ns) : start;
   if (deadline != EM_FOREVER && deadline < until) until = deadline;
-  uint64_t backoff = 20000000ull;
+  em__backoff b;
+  em__backoff_init(&b);
   /* one dial and handshake waits at most connect_timeout (or the default) */
   uint64_t attempt_until = em__deadline(c->opts.connect_timeout_ns ? c->opts.connect_timeout_ns
                                                                    : EM__HANDSHAKE_DEFAULT_NS);
@@ -167,12 +169,11 @@ static int em__reconnect(em_client *c, uint64_t deadline) {
   for (;;) {
     int rc = em__connect(c, attempt_until);
     if (rc != EM_ECONNREFUSED) return rc;
-    uint64_t now = em_mono_ns();
-    if (now + backoff > until) return rc;
-    uint64_t wake = now + backoff;
+    uint64_t wait = em__backoff_next(&b), now = em_mono_ns();
+    if (now + wait > until) return rc; /* never wait past the window */
+    uint64_t wake = now + wait;
     while (!c->closed && em_mono_ns() < wake) em__cond_wait_until(&c->cv, &c->mu, wake);
     if (c->closed) return EM_ECLOSED;
-    backoff = EM__MIN(backoff * 2, 500000000ull);
   }
 }
 

@@ -36,9 +36,32 @@ int em__hello_dial(const char *host, uint16_t port, const char *service, const c
                    em__reader *r, uint64_t deadline, char *errbuf, size_t errbuf_len, int *fd_out,
                    em__hello_info *info);
 
+/* ---- reconnect policy (backoff.c): the one schedule for every re-dial
+ * (docs/protocol.md "Reconnecting"). The k-th wait after a failure is
+ * uniform in [d/2, d] with d = min(EM__BACKOFF_MIN_NS * 2^k,
+ * EM__BACKOFF_MAX_NS): 10-20 ms, 20-40 ms, ... up to 0.5-1 s. Used by
+ *  - em__open_retry (client and subscriber open, connect_timeout > 0);
+ *  - a client's re-dial at a call (client.c em__reconnect), within the
+ *    call's deadline and connect_timeout;
+ *  - a subscriber's re-dials (sub.c), whose state lives across em_sub_next
+ *    calls and is reset by a successful handshake.
+ * Only a refused connect (ECONNREFUSED: nothing listening yet) is retried
+ * within one call; a retrier gives up rather than wait past its window.
+ * A subscriber's re-dial handshake gets at least EM__REDIAL_HANDSHAKE_MIN_NS
+ * even past a shorter em_sub_next deadline (see sub.c). */
+#define EM__BACKOFF_MIN_NS 20000000ull          /* 20 ms: the first wait's upper end */
+#define EM__BACKOFF_MAX_NS 1000000000ull        /* 1 s: the cap */
+#define EM__REDIAL_HANDSHAKE_MIN_NS 500000000ull /* 500 ms */
+typedef struct em__backoff {
+  uint64_t step_ns; /* d for the next wait */
+} em__backoff;
+void em__backoff_init(em__backoff *b);      /* the next wait is the first one */
+void em__backoff_reset(em__backoff *b);     /* after a success: the same as init */
+uint64_t em__backoff_next(em__backoff *b);  /* the wait before the next attempt (ns); doubles d */
+
 /* Call attempt(ud, deadline) until it succeeds or fails with anything but
  * ECONNREFUSED, retrying a refused connect (a server still starting) for
- * up to connect_timeout_ns with backoff; the deadline handed to attempt
+ * up to connect_timeout_ns with the backoff above; the deadline handed to attempt
  * (dial and handshake) is the end of that window, so a server that
  * accepts and never answers cannot hold the caller longer. With
  * connect_timeout_ns 0: one attempt of up to EM__HANDSHAKE_DEFAULT_NS.

@@ -178,12 +178,14 @@ int em__open_retry(int (*attempt)(void *ud, uint64_t deadline), void *ud, uint64
    * the retries (0 = one attempt of up to EM__HANDSHAKE_DEFAULT_NS) */
   uint64_t retry_until = em__deadline(connect_timeout_ns);
   uint64_t deadline = em__deadline(connect_timeout_ns ? connect_timeout_ns : EM__HANDSHAKE_DEFAULT_NS);
-  uint64_t backoff = 20000000ull; /* 20 ms, doubling to 500 ms */
+  em__backoff b; /* the reconnect policy (em_rpc.h) */
+  em__backoff_init(&b);
   for (;;) {
     int rc = attempt(ud, deadline);
-    if (rc != EM_ECONNREFUSED || em_mono_ns() + backoff > retry_until) return rc;
-    struct timespec ts = {.tv_sec = 0, .tv_nsec = (long)backoff};
+    if (rc != EM_ECONNREFUSED) return rc;
+    uint64_t wait = em__backoff_next(&b);
+    if (em_mono_ns() + wait > retry_until) return rc; /* never wait past the window */
+    struct timespec ts = {.tv_sec = (time_t)(wait / 1000000000ull), .tv_nsec = (long)(wait % 1000000000ull)};
     nanosleep(&ts, NULL);
-    backoff = EM__MIN(backoff * 2, 500000000ull);
   }
 }

@@ -15,9 +15,6 @@
 #include <time.h>
 #include <unistd.h>
 
-#define EM__SUB_BACKOFF_MIN_NS 50000000ull   /* 50 ms */
-#define EM__SUB_BACKOFF_MAX_NS 2000000000ull /* 2 s */
-
 struct em_sub {
   char *host;
   char *service;
@@ -33,7 +30,8 @@ struct em_sub {
   uint64_t have;              /* version of the last value returned */
   uint64_t epoch;             /* the server's, from its HELLO */
   bool asked;                 /* a SUBSCRIBE is outstanding on this connection */
-  uint64_t backoff_ns, next_dial_ns;
+  em__backoff backoff;        /* the reconnect policy (em_rpc.h); reset by a handshake */
+  uint64_t next_dial_ns;      /* no re-dial before this (mono ns) */
   unsigned fork_gen;          /* em__fork_gen() at open (see client.c) */
 };
 
@@ -45,8 +43,7 @@ static void em__sub_drop(em_sub *s) {
   atomic_store(&s->connected, 0);
   em__reader_reset(&s->reader);
   s->asked = false;
-  s->next_dial_ns = em_mono_ns() + s->backoff_ns;
-  s->backoff_ns = EM__MIN(s->backoff_ns * 2, EM__SUB_BACKOFF_MAX_NS);
+  s->next_dial_ns = em_mono_ns() + em__backoff_next(&s->backoff);
 }
 
 static bool em__sub_closed(em_sub *s) {
@@ -77,7 +74,7 @@ static int em__sub_dial(em_sub *s, uint64_t deadline) {
     s->have = 0;
   }
   s->asked = false;
-  s->backoff_ns = EM__SUB_BACKOFF_MIN_NS;
+  em__backoff_reset(&s->backoff);
   atomic_store(&s->connected, 1);
   return EM_OK;
 }
@@ -94,7 +91,7 @@ int em_sub_open(em_sub **out, const char *host, uint16_t port, const em_client_o
   if (s->opts.token) s->opts.token = strdup(s->opts.token);
   s->port = port;
   s->fd = -1;
-  s->backoff_ns = EM__SUB_BACKOFF_MIN_NS;
+  em__backoff_init(&s->backoff);
   s->fork_gen = em__fork_gen();
   pthread_mutex_init(&s->mu, NULL);
   pthread_condattr_t ca;
@@ -145,16 +142,16 @@ int em_sub_next(em_sub *s, uint64_t timeout_ns, em_msg **out) {
         if (s->opts.check_interrupt && s->opts.check_interrupt(s->opts.interrupt_ud)) return EM_EINTR;
         continue;
       }
-      /* the handshake gets at least 500 ms even when this call's deadline
-       * is sooner: a re-dial timed to land at the end of a call would
-       * otherwise be cut off every time (the backoff keeps that phase), and
-       * the subscriber would never get back to a restarted server */
-      uint64_t floor = em__deadline(500000000ull);
+      /* the handshake gets at least EM__REDIAL_HANDSHAKE_MIN_NS (500 ms)
+       * even when this call's deadline is sooner: a re-dial timed to land
+       * at the end of a call would otherwise be cut off every time (the
+       * backoff can keep that phase), and the subscriber would never get back
+       * to a restarted server */
+      uint64_t floor = em__deadline(EM__REDIAL_HANDSHAKE_MIN_NS);
       int rc = em__sub_dial(s, EM__MIN(em__deadline(dial_ns), EM__MAX(deadline, floor)));
       if (rc) {
         if (rc == EM_ECLOSED) return rc;
-        s->next_dial_ns = em_mono_ns() + s->backoff_ns;
-        s->backoff_ns = EM__MIN(s->backoff_ns * 2, EM__SUB_BACKOFF_MAX_NS);
+        s->next_dial_ns = em_mono_ns() + em__backoff_next(&s->backoff);
         return rc;
       }
     }
