@@ -2,11 +2,12 @@
  * edgeml.EdgeClient reads its observations and sends it actions exactly as
  * it would to a Python edgeml.EdgeServer.
  *
- *   robot_server PORT BROADCAST_PORT [SECONDS]
+ *   robot_server PORT BROADCAST_PORT [SECONDS [noact]]
  *
  * PORT 0 / BROADCAST_PORT 0 = any free port; BROADCAST_PORT -1 = no
  * observation stream. Prints "ports P B" (the bound ports) on stdout once
- * it serves. Runs until SIGTERM/SIGINT, or for SECONDS. Exit status 0.
+ * it serves. Runs until SIGTERM/SIGINT, or for SECONDS (0 = no limit).
+ * "noact": serve without an action callback. Exit status 0.
  *
  * Config: observation_keys ["image", "joints"], action_keys ["move",
  * "reset", "fault", "broken"], version "robot/1".
@@ -177,7 +178,7 @@ int main(int argc, char **argv) {
     for (int x = 0; x < W; x++)
       for (int c = 0; c < 3; c++) r.image[((size_t)y * W + x) * 3 + c] = (uint8_t)(y + 2 * x + 3 * c);
   for (int i = 0; i < NJ; i++) r.joints[i] = 0.1 * i;
-  if (argc > 3) r.end_ns = em_mono_ns() + (uint64_t)(atof(argv[3]) * 1e9);
+  if (argc > 3 && atof(argv[3]) > 0) r.end_ns = em_mono_ns() + (uint64_t)(atof(argv[3]) * 1e9);
 
   static const char *const obs_keys[] = {"image", "joints"};
   static const char *const act_keys[] = {"move", "reset", "fault", "broken"};
@@ -192,7 +193,7 @@ int main(int argc, char **argv) {
   o.config.broadcast_port = atoi(argv[2]);
   o.observation = on_obs;
   o.observation_ud = &r;
-  o.action = on_act;
+  o.action = argc > 4 && strcmp(argv[4], "noact") == 0 ? NULL : on_act;
   o.action_ud = &r;
   o.server.host = "127.0.0.1";
   o.server.tick = on_tick;
