@@ -106,7 +106,7 @@ EM_API void em_trainer_server_opts_init(em_trainer_server_opts *o);
  * none) and make a new server instance (its id is sent in the HELLO and
  * every data reply). Serves nothing until run/start. On success *out is
  * owned by the caller (em_trainer_server_close); on failure *out is NULL.
- * Any thread. Errors: EINVAL (a NULL or empty name in the config's lists,
+ * Any thread. Errors: EINVAL (a NULL name in the config's lists,
  * duplicates, rate_limit < 0), EADDRINUSE, ENOMEM, EIO. */
 EM_API int em_trainer_server_open(em_trainer_server **out, const em_trainer_server_opts *opts);
 
