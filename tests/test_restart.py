@@ -166,7 +166,7 @@ def test_servers_lists_running_servers_of_this_process(cleanup):
 
 def test_subscriber_follows_a_server_back_after_a_long_outage():
     """The broadcast server is down for 4 s (the subscriber's backoff
-    reaches its 2 s cap), then comes back on its ports: the subscriber
+    reaches its 1 s cap), then comes back on its ports: the subscriber
     re-dials and gets the new value. Its re-dial used to be timed to the
     end of a 1 s wait and cut off there, every time."""
     bport, port = free_port(), free_port()

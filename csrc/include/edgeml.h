@@ -672,7 +672,8 @@ EM_API int em_sub_open(em_sub **out, const char *host, uint16_t port, const em_c
 /* Wait up to timeout_ns for a value newer than the last one returned and
  * return it as a PUBLISH message (*out owned by the caller; its req_id is
  * the version). If the connection is lost, the next calls re-dial (waiting
- * between attempts, 50 ms doubling to 2 s) and resume; a server that
+ * between attempts 20 ms doubling to 1 s, jittered; docs/protocol.md
+ * "Reconnecting") and resume; a server that
  * restarted is detected by its handshake and its values are taken from
  * version 1 again. A re-dial's handshake may take up to 500 ms past
  * timeout_ns (so it is not cut off at the end of a short call); it is

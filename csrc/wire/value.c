@@ -671,8 +671,10 @@ int em_frame_decode(const void *data, size_t len, uint64_t max_bytes, em_msg **o
     rc = em__reader_next(&r, &msg, &w);
   }
   if (rc == 1 && msg->frame_bytes != len) {
+    static _Thread_local char extra[96]; /* why is static per thread */
+    snprintf(extra, sizeof extra, "%zu bytes after the frame (exactly one frame expected)", len - msg->frame_bytes);
     em_msg_free(msg);
-    w = "bytes after the frame (exactly one frame expected)";
+    w = extra;
     rc = EM_EPROTO;
   } else if (rc == 1) {
     *out = msg;
