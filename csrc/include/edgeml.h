@@ -366,7 +366,8 @@ EM_API int em_payload_begin_error(em_payload *p, const char *type, const char *m
 EM_API int em_frame_encode(em_payload *p, uint8_t type, uint64_t req_id, uint8_t **out, size_t *len);
 /* Parse exactly one frame of `len` bytes, with every check a receiver
  * makes (max_bytes 0 = 1 GiB). On EM_OK *out is owned by the caller
- * (em_msg_free); on error *why (may be NULL) gets a static reason.
+ * (em_msg_free); on error *why (may be NULL) gets a reason (static, or
+ * per thread until the next call).
  * Errors: EPROTO, EVERSION, ETOOBIG, ENOMEM. The body is not decoded. */
 EM_API int em_frame_decode(const void *data, size_t len, uint64_t max_bytes, em_msg **out, const char **why);
 
