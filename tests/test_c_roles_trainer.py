@@ -601,3 +601,85 @@ def test_c_actor_with_c_learner(c_root, san):
     assert tagged(a, "request")[0]["value"] == {"type": "stats", "items": 30, "payload": {"items": 30}}
     assert tagged(a, "bad_request")[0]["value"]["type"] == "edgeml.UnknownRequestTypeError"
     assert tagged(a, "weights")
+
+
+THREADED_ACTOR = r"""
+/* Two threads insert into one store while the main thread updates. */
+#include <edgeml.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+static em_trainer_client *c;
+#define PER_THREAD 1500
+
+static void *inserter(void *arg) {
+  int t = (int)(long)arg;
+  em_payload *p = em_payload_new();
+  for (int i = 0; i < PER_THREAD; i++) {
+    double x[2] = {t, i};
+    uint64_t shape[1] = {2};
+    em_payload_reset(p);
+    em_put_map(p, 2);
+    em_put_cstr(p, "t");
+    em_put_int(p, t);
+    em_put_cstr(p, "x");
+    em_put_ndarray(p, "<f8", 1, shape, x, sizeof x);
+    if (em_trainer_insert(c, "transitions", p, NULL)) abort();
+  }
+  em_payload_free(p);
+  return NULL;
+}
+
+int main(int argc, char **argv) {
+  if (argc < 2) return 1;
+  em_trainer_client_opts o;
+  em_trainer_client_opts_init(&o);
+  const char *types[] = {"stats"};
+  o.config.request_types = types;
+  o.config.n_request_types = 1;
+  if (em_trainer_client_open(&c, "127.0.0.1", (uint16_t)atoi(argv[1]), &o)) return 1;
+  if (em_trainer_add_store(c, "transitions", 10 * PER_THREAD)) return 1;
+  pthread_t th[2];
+  for (long t = 0; t < 2; t++) pthread_create(&th[t], NULL, inserter, (void *)t);
+  int updates = 0;
+  for (;;) {
+    em_trainer_client_stats st;
+    em_trainer_client_get_stats(c, &st);
+    int rc = em_trainer_update(c, 10000000000ull);
+    if (rc) { fprintf(stderr, "update: %s\n", em_strerror(rc)); return 1; }
+    updates++;
+    if (st.items_inserted == 2 * PER_THREAD) break; /* the update after the last insert */
+  }
+  for (int t = 0; t < 2; t++) pthread_join(th[t], NULL);
+  em_trainer_client_stats st;
+  em_trainer_client_get_stats(c, &st);
+  printf("done {\"updates\": %d, \"sent\": %llu}\n", updates, (unsigned long long)st.items_sent);
+  em_trainer_client_close(c);
+  return 0;
+}
+"""
+
+
+@pytest.mark.timeout(BUILD_TIMEOUT)
+@pytest.mark.parametrize("san", SANS)
+def test_insert_from_threads_during_update(c_root, san, learners):
+    """em_trainer_insert from two threads while another updates: every item
+    arrives once, each thread's in its order."""
+    programs(c_root, san)  # the installed library
+    src = c_root / "threaded_actor.c"
+    src.write_text(THREADED_ACTOR)
+    prefix = installed_prefix(c_root, san)
+    exe = build_program(prefix, str(src), san)
+    srv = learners()
+    r = subprocess.run([exe, str(srv.port)], env=run_env(prefix, san), capture_output=True, text=True,
+                       timeout=scaled(120))
+    check_clean(r.stderr, san)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (done,) = tagged(parse(r.stdout.splitlines()), "done")
+    assert done["sent"] == 3000
+    items = list(srv.store._data_queue)
+    assert len(items) == 3000
+    for t in (0, 1):
+        xs = [it["x"] for it in items if it["t"] == t]
+        assert [int(x[1]) for x in xs] == list(range(1500)) and all(x[0] == t for x in xs)
