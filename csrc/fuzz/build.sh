@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the libFuzzer targets (fuzz_frame, fuzz_payload) with clang and
+# Builds the libFuzzer targets (fuzz_frame, fuzz_payload, fuzz_value) with clang and
 # ASan + UBSan (no recovery), compiling the library sources they need
 # (csrc/base, csrc/wire) directly with the same instrumentation; libuv and
 # msgpack-c come from pkg-config.
@@ -64,7 +64,7 @@ CFLAGS=(-std=c11 -D_GNU_SOURCE -g -O1 -fno-omit-frame-pointer
 CFLAGS+=(${EXTRA_CFLAGS:-})
 LIB_SRCS=("$CSRC"/base/*.c "$CSRC"/wire/*.c)
 
-for target in fuzz_frame fuzz_payload; do
+for target in fuzz_frame fuzz_payload fuzz_value; do
   echo "== $BUILD/$target ($CLANG)"
   "$CLANG" "${CFLAGS[@]}" -o "$BUILD/$target" "$FUZZ_DIR/$target.c" "${LIB_SRCS[@]}" "${DEPS[@]}" -lpthread -lm
 done
