@@ -24,6 +24,20 @@ const char *em_type_name(int type) {
   return type >= EM_T_NIL && type <= EM_T_EXT ? names[type] : "?";
 }
 
+/* The tuple/set tag a list's first element may be (docs/protocol.md: an
+ * ext8 of length 0, or a fixext1 whose byte is ignored): EM_EXT_TUPLE_TAG,
+ * EM_EXT_SET_TAG, or 0. No recursion (a list of lists is not looked into).
+ * Other ext forms of type 2/3 are refused when read (em__tok). */
+static int em__peek_tag(const uint8_t *p, const uint8_t *end, size_t *len) {
+  size_t n = (size_t)(end - p);
+  int t = -1;
+  if (n >= 3 && p[0] == 0xc7 && p[1] == 0) t = (int8_t)p[2], *len = 3;
+  else if (n >= 3 && p[0] == 0xd4) t = (int8_t)p[1], *len = 3;
+  else if (n >= 4 && p[0] == 0xc8 && !p[1] && !p[2]) t = (int8_t)p[3], *len = 4;
+  else if (n >= 6 && p[0] == 0xc9 && !p[1] && !p[2] && !p[3] && !p[4]) t = (int8_t)p[5], *len = 6;
+  return t == EM_EXT_TUPLE_TAG || t == EM_EXT_SET_TAG ? t : 0;
+}
+
 /* One token at *pp (not past end): fills v's type, len, as and ext_type;
  * *elems gets the number of values that follow as its elements (2 per map
  * pair; a tuple/set tag already consumed), *cost the decode-cost charge.
@@ -176,16 +190,13 @@ static int em__tok(const em_msg *m, const uint8_t **pp, const uint8_t *end, em_v
     v->type = is_map ? EM_T_MAP : EM_T_LIST;
     v->len = (uint32_t)count;
     if (is_list && count) { /* a tuple or set: its first element is a tag */
-      em_value tag;
-      uint64_t te, tc;
-      const uint8_t *q = p;
-      const char *w = NULL;
-      if (em__tok(m, &q, end, &tag, &te, &tc, &w) == EM_OK && tag.type == EM_T_EXT &&
-          (tag.ext_type == EM_EXT_TUPLE_TAG || tag.ext_type == EM_EXT_SET_TAG)) {
-        v->type = tag.ext_type == EM_EXT_TUPLE_TAG ? EM_T_TUPLE : EM_T_SET;
+      size_t tag_len = 0;
+      int tag = em__peek_tag(p, end, &tag_len);
+      if (tag) {
+        v->type = tag == EM_EXT_TUPLE_TAG ? EM_T_TUPLE : EM_T_SET;
         v->len = (uint32_t)(count - 1);
-        *cost += tc;
-        p = q;
+        *cost += EM__COST_ELEM + EM__COST_NUM; /* the tag element, as em__body_check charges it */
+        p += tag_len;
         n--;
       } /* else: a malformed first element fails when it is read */
     }
@@ -289,11 +300,13 @@ int em_read_skip(em_reader *r) {
   em_value v;
   if (em_read(r, &v)) return EM_EDECODE;
   if (!(v.type >= EM_T_LIST && v.type <= EM_T_MAP)) return EM_OK;
-  int d = r->_depth; /* the container's level: read until it is empty */
-  while (r->_depth >= d && r->_left[d] > 0) {
+  int d = r->_depth; /* the container's level: read until it and all below are done */
+  for (;;) {
+    bool pending = false;
+    for (int k = d; k <= r->_depth && !pending; k++) pending = r->_left[k] > 0;
+    if (!pending) return EM_OK;
     if (em_read(r, &v)) return EM_EDECODE;
   }
-  return EM_OK;
 }
 
 int em_reader_finish(em_reader *r) {
@@ -484,23 +497,41 @@ static int em__w_fail(em_payload *p, int code) {
   return code;
 }
 
-/* Account for one value about to be written (a container's own slot). */
-static inline int em__w_item(em_payload *p) {
+/* Levels whose values have all been written are closed. */
+static inline void em__w_close(em_payload *p) {
+  while (p->depth > 0 && p->need[p->depth] == 0) p->depth--;
+}
+
+/* Account for one value about to be written: its slot in the open
+ * container (or the top level). A scalar is complete at once; a container
+ * stays open (em__w_open) until its elements are written, so depth is the
+ * nesting depth, as a reader counts it. */
+static inline int em__w_slot(em_payload *p) {
   if (p->err) return p->err;
   if (p->depth == 0) {
     if (p->roots++) return em__w_fail(p, EM_EENCODE); /* a second top-level value */
     return EM_OK;
   }
-  if (--p->need[p->depth] == 0) {
-    while (p->depth > 0 && p->need[p->depth] == 0) p->depth--;
-  }
+  p->need[p->depth]--;
   return EM_OK;
 }
 
-static inline int em__w_open(em_payload *p, uint64_t n) {
-  if (n == 0) return EM_OK;
+static inline int em__w_item(em_payload *p) {
+  int rc = em__w_slot(p);
+  if (!rc) em__w_close(p);
+  return rc;
+}
+
+/* A container's slot: refused where a reader would refuse its nesting. */
+static inline int em__w_container(em_payload *p) {
+  if (p->err) return p->err;
   if (p->depth >= EM_READER_DEPTH) return em__w_fail(p, EM_EENCODE); /* nested deeper than a reader takes */
-  p->need[++p->depth] = n;
+  return em__w_slot(p);
+}
+
+static inline int em__w_open(em_payload *p, uint64_t n) {
+  if (n) p->need[++p->depth] = n;
+  else em__w_close(p);
   return EM_OK;
 }
 
@@ -530,7 +561,7 @@ int em_put_bin(em_payload *p, const void *data, size_t len) {
 }
 
 static int em__put_seq(em_payload *p, uint32_t n, int tag) {
-  if (em__w_item(p)) return p->err;
+  if (em__w_container(p)) return p->err;
   if (tag && n == UINT32_MAX) return em__w_fail(p, EM_ETOOBIG);
   if (msgpack_pack_array(&p->pk, (size_t)n + (tag ? 1 : 0))) return em__w_fail(p, EM_ENOMEM);
   if (tag && msgpack_pack_ext(&p->pk, 0, (int8_t)tag)) return em__w_fail(p, EM_ENOMEM);
@@ -540,7 +571,7 @@ int em_put_list(em_payload *p, uint32_t n) { return em__put_seq(p, n, 0); }
 int em_put_tuple(em_payload *p, uint32_t n) { return em__put_seq(p, n, EM_EXT_TUPLE_TAG); }
 int em_put_set(em_payload *p, uint32_t n) { return em__put_seq(p, n, EM_EXT_SET_TAG); }
 int em_put_map(em_payload *p, uint32_t n) {
-  if (em__w_item(p)) return p->err;
+  if (em__w_container(p)) return p->err;
   if (msgpack_pack_map(&p->pk, n)) return em__w_fail(p, EM_ENOMEM);
   return em__w_open(p, 2ull * n);
 }
