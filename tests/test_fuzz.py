@@ -34,7 +34,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
 FUZZ = os.path.join(CSRC, "fuzz")
 BUILD = os.path.join(CSRC, "build-fuzz")
-TARGETS = ("fuzz_frame", "fuzz_payload")
+TARGETS = ("fuzz_frame", "fuzz_payload", "fuzz_value")
+# seed corpus of each target (fuzz_value takes fuzz_payload's input layout)
+CORPUS = {"fuzz_frame": "corpus_frame", "fuzz_payload": "corpus_payload", "fuzz_value": "corpus_payload"}
 FUZZ_SECONDS = int(os.environ.get("EDGEML_FUZZ_SECONDS", "15"))
 ARTIFACT_PREFIXES = ("crash-", "leak-", "timeout-", "oom-", "slow-unit-")
 
@@ -74,7 +76,7 @@ def _artifacts(d) -> list:
 def test_fuzz_short(fuzz_build, target, tmp_path):
     """A short fuzzing run from the seed corpus: no crash, leak, timeout."""
     corpus = tmp_path / "corpus"
-    shutil.copytree(os.path.join(FUZZ, "corpus_" + target.split("_", 1)[1]), corpus)
+    shutil.copytree(os.path.join(FUZZ, CORPUS[target]), corpus)
     art = tmp_path / "artifacts"
     art.mkdir()
     cmd = [os.path.join(fuzz_build, target), f"-max_total_time={FUZZ_SECONDS}", "-rss_limit_mb=2048",
