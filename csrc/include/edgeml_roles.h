@@ -274,6 +274,64 @@ EM_API em_client *em_edge_client_core(em_edge_client *c);
 /* Close; NULL is fine. Subscriptions are separate (close them yourself). */
 EM_API void em_edge_client_close(em_edge_client *c);
 
+/* ------------------------------------------------------------ role gates
+ *
+ * A role's request rules and config check without its server: for a
+ * program that runs its own handler on an em_server (the Python binding
+ * does: edgeml.EdgeServer and edgeml.TrainerServer are em_servers whose
+ * handler asks a gate first, so Python and C servers refuse the same
+ * requests with the same errors). The C role servers above use the same
+ * gates.
+ *
+ * Edge rules: methods "obs" (nil, or a list/tuple of observation keys)
+ * and "act" ([action key, action]); a missing callback is
+ * edgeml.InvalidArgumentError, a key outside the config
+ * edgeml.InvalidKeyError, another method edgeml.UnknownInterfaceError.
+ * Trainer rules: "train_step" (a map's keys within payload_keys, unless
+ * any), "request" ([type in request_types, payload]); "data" and "cursor"
+ * are passed on unchecked (their rules need the server's stores: see
+ * docs/protocol.md); others edgeml.UnknownInterfaceError. */
+typedef struct em_gate em_gate;
+
+/* A gate for an Edge / a Trainer config (copied; only the keys, request
+ * types, payload keys and version are used). *out owned by the caller
+ * (em_gate_close). Errors: EINVAL (duplicate or NULL keys; why, may be
+ * NULL, gets a static reason), ENOMEM. Any thread. */
+EM_API int em_gate_open_edge(em_gate **out, const em_edge_config *config, const char **why);
+EM_API int em_gate_open_trainer(em_gate **out, const em_trainer_config *config, const char **why);
+EM_API void em_gate_close(em_gate *g); /* NULL is fine */
+
+/* Which handlers the server has (edge: observation, action; trainer:
+ * train_step, request). A request for a missing one is refused with
+ * edgeml.InvalidArgumentError. Default: both present. Not thread-safe
+ * against a concurrent em_gate_check (set them from the loop thread, or
+ * before the server runs). */
+EM_API void em_gate_set_handlers(em_gate *g, int first, int second);
+
+/* Check a REQUEST against the rules. EM_OK: serve it (the body may still
+ * be malformed where the rules did not look: the decoder will say so);
+ * EM_MSG_ERROR: `reply` (reset first) holds the error reply to send.
+ * Reads the body (checking it) only for the methods whose payload the
+ * rules inspect. Thread-safe (the gate is read only). */
+EM_API int em_gate_check(const em_gate *g, const em_msg *req, em_payload *reply);
+
+/* The gate's compat map (docs/protocol.md "Roles": the HELLO info's
+ * "compat"), written into p as one value. EM_OK or p's error. */
+EM_API int em_gate_put_compat(const em_gate *g, em_payload *p);
+
+/* Compare the config with a server's HELLO `info` value: returns the
+ * number of differing fields (0: compatible) and, when there are some,
+ * writes "field: client X, server Y; ..." (Python's repr of each side)
+ * into buf (cut to cap, NUL-terminated); EM_ENOMEM. A server without a
+ * "compat" map is compatible (nothing to compare). Thread-safe. */
+EM_API int em_gate_compat_diff(const em_gate *g, const em_value *server_info, char *buf, size_t cap);
+
+/* A message holding a copy of a bare msgpack body (no blobs), e.g. the
+ * handshake body em_client_server_hello gives, to read with the value
+ * API. *out owned by the caller (em_msg_free). EM_OK, EM_ENOMEM. The body
+ * is not checked here (em_msg_value checks it). */
+EM_API int em_msg_from_body(const void *body, size_t len, em_msg **out);
+
 #ifdef __cplusplus
 }
 #endif

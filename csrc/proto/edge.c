@@ -17,6 +17,7 @@ struct em_edge_server {
   void *obs_ud;
   em_edge_act_fn act_fn;
   void *act_ud;
+  em_gate *gate; /* the request rules (gate.c), shared with Python's EdgeServer */
 };
 
 struct em_edge_client {
@@ -42,84 +43,41 @@ void em_edge_server_opts_init(em_edge_server_opts *o) {
 
 /* ------------------------------------------------------------- handling */
 
-static int em__invalid_key(em_payload *reply, const em_value *key, const em__strlist *sorted, const char *what) {
-  em__text t;
-  em__text_init(&t);
-  em__text_repr_value(&t, key);
-  em__text_printf(&t, " is not one of the config's %s: ", what);
-  em__text_keys(&t, sorted);
-  em_payload_begin_error(reply, "edgeml.InvalidKeyError", t.s ? t.s : "invalid key", "", 0);
-  em__text_free(&t);
-  return EM_MSG_ERROR;
-}
-
-static int em__edge_obs(em_edge_server *s, const em_value *payload, em_payload *reply) {
-  if (!s->obs_fn)
-    return em__error_reply(reply, "edgeml.InvalidArgumentError", 0, "this EdgeServer has no observation_callback");
-  if (payload->type == EM_T_NIL) {
-    int rc = s->obs_fn(s->obs_ud, (const char *const *)s->obs.v, s->obs.n, reply);
-    return em__finish_reply(reply, rc, "observation callback");
-  }
-  if (payload->type != EM_T_LIST && payload->type != EM_T_TUPLE)
-    return em__error_reply(reply, "edgeml.InvalidArgumentError", 0,
-                           "malformed observation request: the payload must be nil or a list of keys, not %s",
-                           em_type_name(payload->type));
-  const char *small[16];
-  const char **keys = payload->len <= 16 ? small : malloc(payload->len * sizeof *keys);
-  if (!keys) return em__error_reply(reply, "MemoryError", 0, "out of memory for %u keys", payload->len);
-  em_iter it;
-  em_iter_init(&it, payload);
-  em_value k;
-  size_t n = 0;
-  int rc = EM_MSG_REPLY;
-  while (em_iter_next(&it, &k)) {
-    long i = k.type == EM_T_STR ? em__strlist_find(&s->obs, k.as.str, k.len) : -1;
-    if (i < 0) {
-      rc = em__invalid_key(reply, &k, &s->obs_sorted, "observation_keys");
-      break;
-    }
-    keys[n++] = s->obs.v[i];
-  }
-  if (rc == EM_MSG_REPLY) rc = em__finish_reply(reply, s->obs_fn(s->obs_ud, keys, n, reply), "observation callback");
-  if (keys != small) free(keys);
-  return rc;
-}
-
-static int em__edge_act(em_edge_server *s, const em_value *payload, em_payload *reply) {
-  if (!s->act_fn)
-    return em__error_reply(reply, "edgeml.InvalidArgumentError", 0, "this EdgeServer has no action_callback");
-  em_value key, action;
-  if ((payload->type != EM_T_LIST && payload->type != EM_T_TUPLE) || payload->len != 2 ||
-      em_value_at(payload, 0, &key) || em_value_at(payload, 1, &action))
-    return em__error_reply(reply, "edgeml.InvalidArgumentError", 0, "malformed action request");
-  long i = key.type == EM_T_STR ? em__strlist_find(&s->act, key.as.str, key.len) : -1;
-  if (i < 0) return em__invalid_key(reply, &key, &s->act_sorted, "action_keys");
-  int rc = s->act_fn(s->act_ud, s->act.v[i], &action, reply);
-  return em__finish_reply(reply, rc, "action callback");
-}
-
+/* The rules (callbacks present, keys in the config, payload shapes,
+ * methods) are the gate's (gate.c); what passes them is served here. */
 static int em__edge_handle(void *ud, const em_msg *req, em_payload *reply) {
   em_edge_server *s = ud;
   em_value method, payload;
   if (em_msg_request(req, &method, &payload))
     return em__error_reply(reply, "edgeml.InvalidArgumentError", 0,
                            "a request's body must be [method: str, payload]");
-  if (em_value_is(&method, "obs") || em_value_is(&method, "act")) {
-    int rc = em_value_is(&method, "obs") ? em__edge_obs(s, &payload, reply) : em__edge_act(s, &payload, reply);
-    em__reply_keep(reply, req);
-    return rc;
+  int rc = em__gate_check_value(s->gate, &method, &payload, reply);
+  if (rc == EM_MSG_ERROR) return rc;
+  if (em_value_is(&method, "obs")) {
+    if (payload.type == EM_T_NIL) {
+      rc = s->obs_fn(s->obs_ud, (const char *const *)s->obs.v, s->obs.n, reply);
+      rc = em__finish_reply(reply, rc, "observation callback");
+    } else {
+      const char *small[16];
+      const char **keys = payload.len <= 16 ? small : malloc(payload.len * sizeof *keys);
+      if (!keys) return em__error_reply(reply, "MemoryError", 0, "out of memory for %u keys", payload.len);
+      em_iter it;
+      em_iter_init(&it, &payload);
+      em_value k;
+      size_t n = 0;
+      while (em_iter_next(&it, &k)) keys[n++] = s->obs.v[em__strlist_find(&s->obs, k.as.str, k.len)];
+      rc = em__finish_reply(reply, s->obs_fn(s->obs_ud, keys, n, reply), "observation callback");
+      if (keys != small) free(keys);
+    }
+  } else { /* act: [key, action], key in the config */
+    em_value key, action;
+    em_value_at(&payload, 0, &key);
+    em_value_at(&payload, 1, &action);
+    const char *k = s->act.v[em__strlist_find(&s->act, key.as.str, key.len)];
+    rc = em__finish_reply(reply, s->act_fn(s->act_ud, k, &action, reply), "action callback");
   }
-  em__text t;
-  em__text_init(&t);
-  em__text_cstr(&t, "an EdgeServer serves 'obs' and 'act', not ");
-  em__text_repr_str(&t, method.as.str, method.len);
-  em_payload_begin_error(reply, "edgeml.UnknownInterfaceError", t.s ? t.s : "unknown method", "", 1);
-  em__text_free(&t);
-  em_put_cstr(reply, "interfaces");
-  em_put_list(reply, 2);
-  em_put_cstr(reply, "act");
-  em_put_cstr(reply, "obs");
-  return EM_MSG_ERROR;
+  em__reply_keep(reply, req);
+  return rc;
 }
 
 /* --------------------------------------------------------------- server */
@@ -130,6 +88,7 @@ static void em__edge_free(em_edge_server *s) {
   em__strlist_free(&s->obs_sorted);
   em__strlist_free(&s->act_sorted);
   free(s->version);
+  em_gate_close(s->gate);
   free(s);
 }
 
@@ -197,6 +156,12 @@ int em_edge_server_open(em_edge_server **out, const em_edge_server_opts *opts) {
   s->obs_ud = opts->observation_ud;
   s->act_fn = opts->action;
   s->act_ud = opts->action_ud;
+  if ((rc = em_gate_open_edge(&s->gate, c, &why))) {
+    em__say(&opts->server, "EdgeServer config: %s", why);
+    em__edge_free(s);
+    return rc;
+  }
+  em_gate_set_handlers(s->gate, s->obs_fn != NULL, s->act_fn != NULL);
 
   em_server_opts so = opts->server;
   so.hello_info = NULL;
@@ -220,13 +185,11 @@ int em_edge_server_open(em_edge_server **out, const em_edge_server_opts *opts) {
   size_t hello_len = 0;
   if (em_payload_init(&info)) rc = EM_ENOMEM;
   else {
-    em__compat_field f[3];
-    em__edge_compat(&s->act_sorted, &s->obs_sorted, s->version, f);
     em_put_map(&info, 3);
     em_put_cstr(&info, "role");
     em_put_cstr(&info, "edge");
     em_put_cstr(&info, "compat");
-    em__put_compat(&info, f, 3);
+    em_gate_put_compat(s->gate, &info);
     em_put_cstr(&info, "broadcast_port");
     if (s->duo.bcast) em_put_int(&info, em_server_port(s->duo.bcast));
     else em_put_nil(&info);

@@ -120,6 +120,12 @@ void em__hello_free(em__hello *h);
  * anything else -> 0. */
 int em__info_port(const em_value *info, const char *key, uint16_t *port);
 
+/* ------------------------------------------------------------ gates */
+
+/* em_gate_check on a request already read: EM_OK (serve it) or
+ * EM_MSG_ERROR (reply holds the error). gate.c. */
+int em__gate_check_value(const em_gate *g, const em_value *method, const em_value *payload, em_payload *reply);
+
 /* ------------------------------------------------ role server threads */
 
 /* The main server (handler) plus an optional broadcast-only server, run

@@ -140,6 +140,7 @@ typedef struct tr_cur {
 struct em_trainer_server {
   em__duo duo;
   tr_cfg cfg;
+  em_gate *gate; /* the request rules (gate.c), shared with Python's TrainerServer */
   em_trainer_train_step_fn train_step;
   void *train_step_ud;
   em_trainer_request_fn request;
@@ -299,51 +300,16 @@ static char *tr_strdup_value(const em_value *v) {
   return s;
 }
 
+/* train_step and request: the gate (gate.c) checked them */
 static int tr_on_train_step(em_trainer_server *s, const em_value *payload, em_payload *reply) {
-  if (!s->train_step) return em__error_reply(reply, "edgeml.InvalidArgumentError", 0, "this TrainerServer has no train_step");
-  if (!s->cfg.any_keys && payload->type == EM_T_MAP) {
-    em_iter it;
-    em_value k, v;
-    em_iter_init(&it, payload);
-    while (em_iter_next(&it, &k) && em_iter_next(&it, &v)) {
-      if (k.type == EM_T_STR && em__strlist_find(&s->cfg.keys_sorted, k.as.str, k.len) >= 0) continue;
-      em__text t;
-      em__text_init(&t);
-      em__text_repr_value(&t, &k);
-      em__text_cstr(&t, " is not one of the config's payload_keys: ");
-      em__text_keys(&t, &s->cfg.keys_sorted);
-      int rc = em__error_reply(reply, "edgeml.InvalidKeyError", 0, "%s", t.s);
-      em__text_free(&t);
-      return rc;
-    }
-  }
   int rc = s->train_step(s->train_step_ud, payload, reply);
   return em__finish_reply(reply, rc, "train_step");
 }
 
 static int tr_on_request(em_trainer_server *s, const em_value *payload, em_payload *reply) {
   em_value type, body;
-  if ((payload->type != EM_T_LIST && payload->type != EM_T_TUPLE) || payload->len != 2 ||
-      em_value_at(payload, 0, &type) || type.type != EM_T_STR || em_value_at(payload, 1, &body))
-    return tr_malformed(reply, "request");
-  if (em__strlist_find(&s->cfg.types, type.as.str, type.len) < 0) {
-    em__text t;
-    em__text_init(&t);
-    em__text_repr_str(&t, type.as.str, type.len);
-    em__text_cstr(&t, " is not one of the config's request_types: ");
-    for (size_t i = 0; i < s->cfg.types.n; i++) {
-      if (i) em__text_cstr(&t, ", ");
-      em__text_repr_str(&t, s->cfg.types.v[i], strlen(s->cfg.types.v[i]));
-    }
-    if (!s->cfg.types.n) em__text_cstr(&t, "none");
-    em__error_reply(reply, "edgeml.UnknownRequestTypeError", 1, "%s", t.s);
-    em__text_free(&t);
-    em_put_cstr(reply, "request_types");
-    em_put_list(reply, (uint32_t)s->cfg.types.n);
-    for (size_t i = 0; i < s->cfg.types.n; i++) em_put_cstr(reply, s->cfg.types.v[i]);
-    return EM_MSG_ERROR;
-  }
-  if (!s->request) return em__error_reply(reply, "edgeml.InvalidArgumentError", 0, "this TrainerServer has no request_callback");
+  em_value_at(payload, 0, &type);
+  em_value_at(payload, 1, &body);
   char *t = tr_strdup_value(&type); /* in request_types: no NUL inside */
   if (!t) return em__error_reply(reply, "MemoryError", 0, "out of memory");
   int rc = s->request(s->request_ud, t, &body, reply);
@@ -529,23 +495,12 @@ static int tr_dispatch(em_trainer_server *s, const em_msg *req, em_payload *repl
   em_value method, payload;
   if (em_msg_request(req, &method, &payload))
     return em__error_reply(reply, "edgeml.DecodeError", 0, "a request body must be [method: str, payload]");
-  if (em_value_is(&method, "train_step")) return tr_on_train_step(s, &payload, reply);
   if (em_value_is(&method, "data")) return tr_on_data(s, &payload, reply);
   if (em_value_is(&method, "cursor")) return tr_on_cursor(s, &payload, reply);
-  if (em_value_is(&method, "request")) return tr_on_request(s, &payload, reply);
-  em__text t;
-  em__text_init(&t);
-  em__text_cstr(&t, "a TrainerServer serves 'train_step', 'data', 'cursor' and 'request', not ");
-  em__text_repr_str(&t, method.as.str, method.len);
-  em__error_reply(reply, "edgeml.UnknownInterfaceError", 1, "%s", t.s);
-  em__text_free(&t);
-  em_put_cstr(reply, "interfaces");
-  em_put_list(reply, 4);
-  em_put_cstr(reply, "cursor");
-  em_put_cstr(reply, "data");
-  em_put_cstr(reply, "request");
-  em_put_cstr(reply, "train_step");
-  return EM_MSG_ERROR;
+  int rc = em__gate_check_value(s->gate, &method, &payload, reply);
+  if (rc == EM_MSG_ERROR) return rc;
+  return em_value_is(&method, "train_step") ? tr_on_train_step(s, &payload, reply)
+                                             : tr_on_request(s, &payload, reply);
 }
 
 static void tr_server_free(em_trainer_server *s) {
@@ -559,6 +514,7 @@ static void tr_server_free(em_trainer_server *s) {
   }
   free(s->buckets);
   tr_cfg_free(&s->cfg);
+  em_gate_close(s->gate);
   pthread_mutex_destroy(&s->mu);
   free(s);
 }
@@ -589,8 +545,15 @@ int em_trainer_server_open(em_trainer_server **out, const em_trainer_server_opts
     free(s);
     return rc;
   }
+  if ((rc = em_gate_open_trainer(&s->gate, &o->config, &why))) {
+    tr_cfg_free(&s->cfg);
+    pthread_mutex_destroy(&s->mu);
+    free(s);
+    return rc;
+  }
   s->train_step = o->train_step;
   s->train_step_ud = o->train_step_ud;
+  em_gate_set_handlers(s->gate, o->train_step != NULL, o->request != NULL);
   s->request = o->request;
   s->request_ud = o->request_ud;
   s->log = o->log;
