@@ -202,6 +202,11 @@ class ServerBase:
         must be changed in place) before calling ``_dispatch``; None for none."""
         return None
 
+    def _gate(self) -> Any:
+        """The role's request rules in C (a _core.Gate: csrc/proto/gate.c),
+        checked before a request is decoded, or None."""
+        return None
+
     def _dispatch(self, method: str, payload: Any) -> Any:  # pragma: no cover
         raise NotImplementedError
 
@@ -263,7 +268,7 @@ class ServerBase:
                 self._core = self._bind(self._requested_port, lambda: _core.Server(
                     self._host, self._requested_port, self._service, self._dispatch, _format_error,
                     _log_from_core, hello, self._max_message_bytes, self._routes(), self._token,
-                    self._handshake_timeout, self._max_pending_bytes, self._progress_timeout))
+                    self._handshake_timeout, self._max_pending_bytes, self._progress_timeout, self._gate()))
             except BaseException:
                 if bcast is not None:
                     bcast.close()

@@ -2,7 +2,7 @@
 
 Checked against the built module by tests/test_packaging.py (mypy's
 stubtest): every name here exists there and the other way round."""
-from typing import Any, Callable, Optional, Union, final
+from typing import Any, Callable, Optional, Sequence, Union, final
 
 PROTOCOL_VERSION: int
 MSG_REQUEST: int
@@ -21,6 +21,15 @@ _Timing = tuple[tuple[int, ...], int, int, bool, tuple[int, ...]]
 @final
 class FrameBuffer:
     """The memory of a received frame; numpy arrays view it (buffer protocol)."""
+
+@final
+class Gate:
+    """A role's request rules and config check, in C (csrc/proto/gate.c).
+    role "edge": first = action_keys, second = observation_keys; role
+    "trainer": first = payload_keys (None: any), second = request_types."""
+    def __init__(self, role: str, first: Optional[Sequence[str]], second: Sequence[str], version: str,
+                 has_first: bool = ..., has_second: bool = ...) -> None: ...
+    def compat_diff(self, hello: bytes) -> Optional[str]: ...
 
 @final
 class Client:
@@ -45,7 +54,7 @@ class Server:
                  hello_info: bytes = ..., max_message_bytes: int = ...,
                  routes: Optional[dict[str, Callable[[Any], Any]]] = ..., token: Optional[str] = ...,
                  handshake_timeout: float = ..., max_pending_bytes: int = ...,
-                 progress_timeout: float = ...) -> None: ...
+                 progress_timeout: float = ..., gate: Optional[Gate] = ...) -> None: ...
     def run(self, check_signals: bool = ...) -> None: ...
     def stop(self, timeout: float = ...) -> Optional[bool]: ...
     def stats(self) -> dict[str, int]: ...

@@ -13,7 +13,7 @@ import concurrent.futures
 from dataclasses import dataclass
 from typing import Any, Callable, Collection, FrozenSet, Iterable, List, Optional
 
-from . import _compat, errors
+from . import _compat, _core, errors
 from ._base import DEFAULT_TIMEOUT, ClientBase, ServerBase, _check_port, _Subscription, wrap_future
 
 
@@ -57,6 +57,9 @@ class EdgeConfig:
         return {"action_keys": sorted(self.action_keys), "observation_keys": sorted(self.observation_keys),
                 "version": str(self.version)}
 
+    def _gate(self) -> Any:
+        return _core.Gate("edge", list(self.action_keys), list(self.observation_keys), str(self.version))
+
 
 ActionConfig = EdgeConfig
 
@@ -71,15 +74,6 @@ def _check_keys(keys: Iterable[str], allowed: FrozenSet[str], what: str) -> List
                 f"{k!r} is not one of the config's {what}: {', '.join(map(repr, sorted(allowed))) or 'none'}")
         out.append(k)
     return out
-
-
-def _compat_diff(mine: dict, theirs: dict) -> List[str]:
-    diff = []
-    for field in sorted(set(mine) | set(theirs)):
-        a, b = mine.get(field), theirs.get(field)
-        if a != b:
-            diff.append(f"{field}: client {a!r}, server {b!r}")
-    return diff
 
 
 class EdgeServer(ServerBase):
@@ -117,8 +111,6 @@ class EdgeServer(ServerBase):
                          broadcast_port=config.broadcast_port, token=token, handshake_timeout=handshake_timeout,
                          max_pending_bytes=max_pending_bytes, progress_timeout=progress_timeout)
         self.config = config
-        self._obs_keys = frozenset(config.observation_keys)
-        self._act_keys = frozenset(config.action_keys)
         self._obs_list = list(config.observation_keys)
         self._observation_callback = observation_callback
         self._action_callback = action_callback
@@ -126,21 +118,20 @@ class EdgeServer(ServerBase):
     def _hello_info(self) -> Any:
         return {"role": "edge", "compat": self.config._compat(), "broadcast_port": self.broadcast_port}
 
+    def _gate(self) -> Any:
+        # the Edge rules live in the C role layer (csrc/proto/gate.c), shared
+        # with C EdgeServers: callbacks present, keys within the config,
+        # payload shapes, methods; a refused request never reaches Python
+        return _core.Gate("edge", list(self.config.action_keys), list(self.config.observation_keys),
+                          str(self.config.version), self._observation_callback is not None,
+                          self._action_callback is not None)
+
     def _dispatch(self, method: str, payload: Any) -> Any:
+        # only requests the gate let through get here
         if method == "obs":
-            if self._observation_callback is None:
-                raise errors.InvalidArgumentError("this EdgeServer has no observation_callback")
-            keys = self._obs_list if payload is None else _check_keys(payload, self._obs_keys, "observation_keys")
-            return self._observation_callback(keys)
-        if method == "act":
-            if self._action_callback is None:
-                raise errors.InvalidArgumentError("this EdgeServer has no action_callback")
-            if not isinstance(payload, (list, tuple)) or len(payload) != 2:
-                raise errors.InvalidArgumentError("malformed action request")
-            key, action = payload
-            _check_keys([key], self._act_keys, "action_keys")
-            return self._action_callback(key, action)
-        raise errors.UnknownInterfaceError(f"an EdgeServer serves 'obs' and 'act', not {method!r}", ["act", "obs"])
+            return self._observation_callback(self._obs_list if payload is None else list(payload))
+        key, action = payload
+        return self._action_callback(key, action)
 
     def publish_observation(self, observation: Any) -> int:
         """Send ``observation`` to every subscriber (``EdgeClient.
@@ -208,11 +199,10 @@ class EdgeClient(ClientBase):
         info = self._server_info()
         theirs = info.get("compat") or {}
         if config is not None and theirs:
-            diff = _compat_diff(config._compat(), theirs)
+            diff = config._gate().compat_diff(self._core.hello())  # the C role layer's check
             if diff:
                 self.close()
-                raise errors.HandshakeError(
-                    f"the EdgeServer at {host}:{port} has another config: " + "; ".join(diff))
+                raise errors.HandshakeError(f"the EdgeServer at {host}:{port} has another config: {diff}")
         src = config._compat() if config is not None else theirs
         self._obs_keys = frozenset(src.get("observation_keys") or ())
         self._act_keys_list = list(config.action_keys) if config is not None else list(src.get("action_keys") or ())

@@ -26,10 +26,10 @@ from typing import Any, Callable, Collection, Dict, Mapping, Optional, Sequence,
 
 import numpy as np
 
-from . import _compat, errors
+from . import _compat, _core, errors
 from ._base import DEFAULT_TIMEOUT, ClientBase, ServerBase, _check_port, _Subscription, wrap_future
 from .data.data_store import DataStoreBase
-from .edge import _check_keys, _compat_diff, _key_list
+from .edge import _check_keys, _key_list
 
 log = logging.getLogger("edgeml")
 
@@ -90,6 +90,10 @@ class TrainerConfig:
     def _compat(self) -> dict:
         return {"payload_keys": None if self.payload_keys is None else sorted(self.payload_keys),
                 "request_types": sorted(self.request_types), "version": str(self.version)}
+
+    def _gate(self, has_train_step: bool = True, has_request: bool = True) -> Any:
+        return _core.Gate("trainer", None if self.payload_keys is None else list(self.payload_keys),
+                          list(self.request_types), str(self.version), has_train_step, has_request)
 
 
 def _takes_two_args(fn: Callable) -> bool:
@@ -152,8 +156,6 @@ class TrainerServer(ServerBase):
         self._train_step = train_step
         self._data_callback = data_callback
         self._request_callback = request_callback
-        self._payload_keys = None if config.payload_keys is None else frozenset(config.payload_keys)
-        self._request_types = list(config.request_types)
         self._stores: Dict[str, DataStoreBase] = {}
         self._cursors: "collections.OrderedDict[Tuple[str, str], int]" = collections.OrderedDict()
         self.items_received = 0
@@ -208,31 +210,22 @@ class TrainerServer(ServerBase):
                 "rate_limit": self.config.rate_limit, "instance": self._instance}
 
     # -- requests
+    def _gate(self) -> Any:
+        # the Trainer rules for train_step and request live in the C role
+        # layer (csrc/proto/gate.c), shared with C TrainerServers; data and
+        # cursor need this server's stores and are checked below
+        return self.config._gate(self._train_step is not None, self._request_callback is not None)
+
     def _dispatch(self, method: str, payload: Any) -> Any:
+        # only requests the gate let through get here
         if method == "train_step":
-            if self._train_step is None:
-                raise errors.InvalidArgumentError("this TrainerServer has no train_step")
-            if self._payload_keys is not None and isinstance(payload, dict):
-                _check_keys(payload, self._payload_keys, "payload_keys")
             return self._train_step(payload)
         if method == "data":
             return self._on_data(payload)
         if method == "cursor":
             return self._on_cursor(payload)
-        if method == "request":
-            if not isinstance(payload, (list, tuple)) or len(payload) != 2 or not isinstance(payload[0], str):
-                raise errors.InvalidArgumentError("malformed request")
-            rtype, body = payload
-            if rtype not in self._request_types:
-                raise errors.UnknownRequestTypeError(
-                    f"{rtype!r} is not one of the config's request_types: "
-                    f"{', '.join(map(repr, self._request_types)) or 'none'}", self._request_types)
-            if self._request_callback is None:
-                raise errors.InvalidArgumentError("this TrainerServer has no request_callback")
-            return self._request_callback(rtype, body)
-        raise errors.UnknownInterfaceError(
-            f"a TrainerServer serves 'train_step', 'data', 'cursor' and 'request', not {method!r}",
-            ["cursor", "data", "request", "train_step"])
+        rtype, body = payload  # "request", checked by the gate
+        return self._request_callback(rtype, body)
 
     def _on_cursor(self, p: Any) -> int:
         """The id of the newest item of store ``p["store"]`` this server holds
@@ -417,11 +410,10 @@ class TrainerClient(ClientBase):
         info = self._server_info()
         theirs = info.get("compat") or {}
         if theirs:
-            diff = _compat_diff(config._compat(), theirs)
+            diff = config._gate().compat_diff(self._core.hello())  # the C role layer's check
             if diff:
                 self.close()
-                raise errors.HandshakeError(
-                    f"the TrainerServer at {host}:{self.port} has another config: " + "; ".join(diff))
+                raise errors.HandshakeError(f"the TrainerServer at {host}:{self.port} has another config: {diff}")
         self._server_bport = info.get("broadcast_port")
 
     # -- calls

@@ -119,9 +119,270 @@ void em_py_keep_release(em_py_keep *k) {
   k->n = 0;
 }
 
+/* ------------------------------------------------------------ numpy fast paths
+ *
+ * The extension is built without numpy's headers (one build for every
+ * numpy); arrays go through Python-level calls (arr.dtype, arr.shape, the
+ * buffer protocol, numpy.ndarray(...)), which cost far more than the bytes
+ * of a small array. For exact numpy.ndarray objects two shortcuts, both
+ * checked once against those calls before they are used (em__np_init):
+ *
+ *  - encode reads the array object's leading fields (data, nd, dimensions,
+ *    descr, flags: numpy's PyArrayObject_fields, the same layout in 1.x and
+ *    2.x, which numpy's own PyArray_DATA/NDIM/DIMS/DESCR/FLAGS read) and
+ *    takes the wire string and item size from a cache keyed by the dtype
+ *    object (filled by the general path);
+ *  - decode makes the array with PyArray_NewFromDescr + PyArray_SetBaseObject
+ *    from numpy's C-API table (the _ARRAY_API capsule; slots 94 and 282,
+ *    unchanged from numpy 1.7 to 2.x, as builds against numpy 2's headers
+ *    that run on numpy 1.x rely on).
+ *
+ * Anything else (subclasses, non-contiguous arrays, dtypes not seen yet, an
+ * ABI version other than numpy 1.x's or 2.x's, a failed check) takes the
+ * general path, so values, errors and messages are those of the general
+ * path. GIL held throughout, which guards the state and the caches. */
+
+typedef struct {
+  PyObject_HEAD
+  char *data;
+  int nd;
+  Py_ssize_t *dimensions;
+  Py_ssize_t *strides;
+  PyObject *base;
+  PyObject *descr;
+  int flags;
+} em__np_fields;
+
+#define EM__NPY_C_CONTIGUOUS 0x0001
+#define EM__NPY_ALIGNED 0x0100
+#define EM__NPY_WRITEABLE 0x0400
+#define EM__NPY_CARRAY (EM__NPY_C_CONTIGUOUS | EM__NPY_ALIGNED | EM__NPY_WRITEABLE)
+
+typedef PyObject *(*em__np_new_fn)(PyTypeObject *, PyObject *, int, const Py_ssize_t *, const Py_ssize_t *,
+                                   void *, int, PyObject *);
+typedef int (*em__np_setbase_fn)(PyObject *, PyObject *);
+typedef unsigned int (*em__np_version_fn)(void);
+
+static struct {
+  PyObject *for_type; /* the ndarray type the state below was set up for */
+  bool enc;           /* the field layout checked, and no releasebuffer to skip */
+  bool dec;           /* the C-API table checked */
+  em__np_new_fn new_from_descr;
+  em__np_setbase_fn set_base;
+} em__np;
+
+#define EM__ENC_DTYPE_SLOTS 32
+static struct {
+  PyObject *descr; /* strong reference, so the address is never reused */
+  uint32_t itemsize;
+  char wire[EM_DTYPE_MAX + 1];
+} em__enc_dtypes[EM__ENC_DTYPE_SLOTS];
+static int em__enc_ndtypes;
+
+/* Checked in Python: the fast decode path's array against the one
+ * numpy.ndarray(shape, dtype=, buffer=, offset=) makes, and the fields the
+ * fast encode path reads against the attributes. */
+static const char em__np_check_src[] =
+    "def sig(a, buf):\n"
+    "    f = a.flags\n"
+    "    return (type(a), a.shape, a.strides, a.dtype, a.dtype.str, a.__array_interface__['data'][0],\n"
+    "            f.c_contiguous, f.f_contiguous, f.owndata, f.writeable, f.aligned, a.base is buf)\n"
+    "def samples(np):\n"
+    "    buf = bytearray(256)\n"
+    "    out = []\n"
+    "    for shape, dt, off in (((2, 3), '<i2', 8), ((5,), '|u1', 3), ((), '<f8', 16), ((2, 0, 4), '<f4', 0),\n"
+    "                           ((4, 2), '>u4', 64), ((3,), '<c16', 1)):\n"
+    "        out.append((buf, off, np.dtype(dt), shape, np.ndarray(shape, dtype=np.dtype(dt), buffer=buf,\n"
+    "                                                              offset=off)))\n"
+    "    return out\n"
+    "def layouts(np):\n"
+    "    a = np.arange(24, dtype=np.int32).reshape(2, 3, 4)\n"
+    "    out = [a, a[:, ::2], a[1], np.zeros(()), np.zeros((0, 3)), np.ones(7, '>f8')]\n"
+    "    return [(x, x.ndim, x.shape, x.dtype, x.__array_interface__['data'][0], x.flags.c_contiguous)\n"
+    "            for x in out]\n";
+
+static PyObject *em__np_call(PyObject *ns, const char *fn, PyObject *arg1, PyObject *arg2) {
+  PyObject *f = PyDict_GetItemString(ns, fn); /* borrowed */
+  if (!f) return NULL;
+  return arg2 ? PyObject_CallFunctionObjArgs(f, arg1, arg2, NULL) : PyObject_CallOneArg(f, arg1);
+}
+
+/* The fast decode path's check: its arrays equal numpy.ndarray(...)'s. */
+static bool em__np_check_dec(PyObject *ns, PyObject *np) {
+  PyObject *smp = em__np_call(ns, "samples", np, NULL);
+  if (!smp || !PyList_Check(smp)) {
+    Py_XDECREF(smp);
+    return false;
+  }
+  bool ok = true;
+  for (Py_ssize_t i = 0; ok && i < PyList_GET_SIZE(smp); i++) {
+    PyObject *buf, *off, *dt, *shape, *slow;
+    ok = PyArg_ParseTuple(PyList_GET_ITEM(smp, i), "OOOOO", &buf, &off, &dt, &shape, &slow) && PyTuple_Check(shape) &&
+         PyTuple_GET_SIZE(shape) <= EM_ARRAY_MAX_NDIM && PyByteArray_Check(buf);
+    if (!ok) break;
+    Py_ssize_t dims[EM_ARRAY_MAX_NDIM];
+    int nd = (int)PyTuple_GET_SIZE(shape);
+    for (int j = 0; j < nd; j++) dims[j] = PyLong_AsSsize_t(PyTuple_GET_ITEM(shape, j));
+    Py_ssize_t o = PyLong_AsSsize_t(off);
+    if (PyErr_Occurred()) {
+      ok = false;
+      break;
+    }
+    Py_INCREF(dt); /* stolen */
+    PyObject *fast = em__np.new_from_descr((PyTypeObject *)em__np.for_type, dt, nd, dims, NULL,
+                                           PyByteArray_AS_STRING(buf) + o, EM__NPY_CARRAY, NULL);
+    if (!fast) {
+      ok = false;
+      break;
+    }
+    Py_INCREF(buf); /* stolen */
+    if (em__np.set_base(fast, buf) < 0) {
+      Py_DECREF(fast);
+      ok = false;
+      break;
+    }
+    PyObject *a = em__np_call(ns, "sig", fast, buf), *b = em__np_call(ns, "sig", slow, buf);
+    ok = a && b && PyObject_RichCompareBool(a, b, Py_EQ) == 1;
+    Py_XDECREF(a);
+    Py_XDECREF(b);
+    Py_DECREF(fast);
+  }
+  Py_DECREF(smp);
+  return ok;
+}
+
+/* The fast encode path's check: the fields it reads agree with ndim, shape,
+ * dtype, the data address and the contiguity flag. */
+static bool em__np_check_enc(PyObject *ns, PyObject *np) {
+  PyBufferProcs *procs = ((PyTypeObject *)em__np.for_type)->tp_as_buffer;
+  if (!procs || !procs->bf_getbuffer || procs->bf_releasebuffer) return false;
+  PyObject *lay = em__np_call(ns, "layouts", np, NULL);
+  if (!lay || !PyList_Check(lay)) {
+    Py_XDECREF(lay);
+    return false;
+  }
+  bool ok = true;
+  for (Py_ssize_t i = 0; ok && i < PyList_GET_SIZE(lay); i++) {
+    PyObject *x, *shape, *dt, *addr;
+    int ndim, contig;
+    ok = PyArg_ParseTuple(PyList_GET_ITEM(lay, i), "OiOOOp", &x, &ndim, &shape, &dt, &addr, &contig) &&
+         Py_TYPE(x) == (PyTypeObject *)em__np.for_type && PyTuple_Check(shape);
+    if (!ok) break;
+    em__np_fields *f = (em__np_fields *)x;
+    ok = f->nd == ndim && PyTuple_GET_SIZE(shape) == ndim && f->descr == dt &&
+         (uintptr_t)f->data == (uintptr_t)PyLong_AsVoidPtr(addr) && !!(f->flags & EM__NPY_C_CONTIGUOUS) == contig;
+    for (int j = 0; ok && j < ndim; j++) ok = f->dimensions[j] == PyLong_AsSsize_t(PyTuple_GET_ITEM(shape, j));
+    if (PyErr_Occurred()) ok = false;
+  }
+  Py_DECREF(lay);
+  return ok;
+}
+
+static void em__np_init(void) {
+  PyObject *t, *v, *tb;
+  PyErr_Fetch(&t, &v, &tb);
+  Py_XDECREF(em__np.for_type);
+  memset(&em__np, 0, sizeof em__np);
+  for (int i = 0; i < em__enc_ndtypes; i++) Py_CLEAR(em__enc_dtypes[i].descr);
+  em__enc_ndtypes = 0;
+  em__np.for_type = Py_NewRef(em_py.ndarray_type);
+  PyObject *np = PyImport_ImportModule("numpy");
+  PyObject *mu = np ? PyImport_ImportModule("numpy._core._multiarray_umath") : NULL;
+  if (np && !mu && PyErr_ExceptionMatches(PyExc_ModuleNotFoundError)) { /* numpy 1.x */
+    PyErr_Clear();
+    mu = PyImport_ImportModule("numpy.core._multiarray_umath");
+  }
+  PyObject *cap = mu ? PyObject_GetAttrString(mu, "_ARRAY_API") : NULL;
+  PyObject *ns = PyDict_New();
+  PyObject *dtype_type = np ? PyObject_GetAttrString(np, "dtype") : NULL;
+  PyObject *r = ns && PyDict_SetItemString(ns, "__builtins__", PyEval_GetBuiltins()) == 0
+                    ? PyRun_String(em__np_check_src, Py_file_input, ns, ns)
+                    : NULL;
+  if (r && cap && PyCapsule_CheckExact(cap) && dtype_type) {
+    void **api = PyCapsule_GetPointer(cap, NULL);
+    unsigned int abi = api ? ((em__np_version_fn)api[0])() : 0;
+    /* numpy 1.x (ABI 0x01000009) or 2.x (0x02000000); slot 2 is
+     * PyArray_Type, slot 3 PyArrayDescr_Type: the table is the one these
+     * slot numbers are for */
+    if (api && abi >= 0x01000009 && abi <= 0x02000000 && api[2] == (void *)em_py.ndarray_type &&
+        api[3] == (void *)dtype_type && sizeof(Py_ssize_t) == sizeof(void *)) {
+      em__np.new_from_descr = (em__np_new_fn)api[94];
+      em__np.set_base = (em__np_setbase_fn)api[282];
+      em__np.dec = em__np.new_from_descr && em__np.set_base && em__np_check_dec(ns, np);
+    }
+  }
+  if (r) em__np.enc = em__np_check_enc(ns, np);
+  Py_XDECREF(r);
+  Py_XDECREF(dtype_type);
+  Py_XDECREF(ns);
+  Py_XDECREF(cap);
+  Py_XDECREF(mu);
+  Py_XDECREF(np);
+  PyErr_Clear();
+  PyErr_Restore(t, v, tb);
+}
+
+static inline void em__np_ready(void) {
+  if (em__np.for_type != em_py.ndarray_type) em__np_init();
+}
+
+/* After the general path encoded arr (exact ndarray, its own buffer): its
+ * dtype object, wire string and item size for the fast path. */
+static void em__enc_dtype_remember(PyObject *arr, const char *dts, Py_ssize_t itemsize) {
+  if (em__enc_ndtypes >= EM__ENC_DTYPE_SLOTS || strlen(dts) > EM_DTYPE_MAX || itemsize <= 0 ||
+      itemsize > UINT32_MAX)
+    return;
+  PyObject *descr = ((em__np_fields *)arr)->descr;
+  for (int i = 0; i < em__enc_ndtypes; i++)
+    if (em__enc_dtypes[i].descr == descr) return;
+  em__enc_dtypes[em__enc_ndtypes].descr = Py_NewRef(descr);
+  em__enc_dtypes[em__enc_ndtypes].itemsize = (uint32_t)itemsize;
+  strcpy(em__enc_dtypes[em__enc_ndtypes].wire, dts);
+  em__enc_ndtypes++;
+}
+
+/* 1 done, 0 not applicable (take the general path), -1 error set. */
+static int em__enc_array_fast(em__enc *e, PyObject *arr) {
+  em__np_fields *f = (em__np_fields *)arr;
+  if (!(f->flags & EM__NPY_C_CONTIGUOUS) || f->nd < 0 || f->nd > EM_ARRAY_MAX_NDIM) return 0;
+  int i = 0;
+  while (i < em__enc_ndtypes && em__enc_dtypes[i].descr != f->descr) i++;
+  if (i == em__enc_ndtypes) return 0;
+  uint64_t shape[EM_ARRAY_MAX_NDIM];
+  uint64_t n = em__enc_dtypes[i].itemsize;
+  for (int j = 0; j < f->nd; j++) {
+    shape[j] = (uint64_t)f->dimensions[j];
+    n *= shape[j]; /* numpy keeps the array's byte size within Py_ssize_t */
+  }
+  int rc = em_put_ndarray(e->p, em__enc_dtypes[i].wire, (uint32_t)f->nd, shape, f->data, (size_t)n);
+  if (rc) return em__enc_fail(e, arr, rc == EM_EINVAL ? "array size disagrees with dtype and shape" : "out of memory");
+  /* what PyObject_GetBuffer would keep: a reference to the array (numpy
+   * has no releasebuffer, checked in em__np_init) */
+  Py_buffer view = {0};
+  view.buf = f->data;
+  view.obj = Py_NewRef(arr);
+  view.len = (Py_ssize_t)n;
+  view.readonly = 1;
+  view.itemsize = (Py_ssize_t)em__enc_dtypes[i].itemsize;
+  view.ndim = 1;
+  if (em__keep_view(e->keep, &view)) {
+    Py_DECREF(arr);
+    PyErr_NoMemory();
+    return -1;
+  }
+  return 1;
+}
+
 static int em__enc_array_as(em__enc *e, PyObject *arr, int is_scalar, const char *dts);
 
 static int em__enc_array(em__enc *e, PyObject *arr, int is_scalar) {
+  if (!is_scalar && Py_TYPE(arr) == (PyTypeObject *)em_py.ndarray_type) {
+    em__np_ready();
+    if (em__np.enc) {
+      int r = em__enc_array_fast(e, arr);
+      if (r) return r < 0 ? -1 : 0;
+    }
+  }
   PyObject *dtype = PyObject_GetAttrString(arr, "dtype");
   if (!dtype) return em__enc_fail(e, arr, "no dtype");
   /* dtype -> wire string; the helper fills em_py.dtype_cache */
@@ -176,6 +437,13 @@ static int em__enc_array_as(em__enc *e, PyObject *arr, int is_scalar, const char
   if (rc) {
     PyBuffer_Release(&view);
     return em__enc_fail(e, arr, rc == EM_EINVAL ? "array size disagrees with dtype and shape" : "out of memory");
+  }
+  if (!is_scalar && view.obj == arr && Py_TYPE(arr) == (PyTypeObject *)em_py.ndarray_type && em__np.enc) {
+    /* the array's own buffer: its dtype can take the fast path next time */
+    uint64_t count = 1;
+    for (uint32_t i = 0; i < ndim; i++) count *= shape[i];
+    if (count && view.itemsize > 0 && (uint64_t)view.len == count * (uint64_t)view.itemsize)
+      em__enc_dtype_remember(arr, dts, view.itemsize);
   }
   if (em__keep_view(e->keep, &view)) {
     PyBuffer_Release(&view);
@@ -417,6 +685,7 @@ static PyObject *em__dec_fail_from(PyObject *kind, const char *why) {
 static struct {
   char wire[EM_DTYPE_MAX + 1];
   PyObject *dtype;
+  Py_ssize_t itemsize;
 } em__dtypes[EM__DTYPE_SLOTS];
 static int em__ndtypes;
 static PyObject *em__ndarray_kwnames;
@@ -424,25 +693,65 @@ static PyObject *em__ndarray_kwnames;
 static void em__dtype_remember(const char *wire, PyObject *arr) {
   if (em__ndtypes >= EM__DTYPE_SLOTS || strlen(wire) > EM_DTYPE_MAX) return;
   PyObject *dt = PyObject_GetAttrString(arr, "dtype");
-  if (!dt) {
+  PyObject *isz = dt ? PyObject_GetAttrString(dt, "itemsize") : NULL;
+  Py_ssize_t itemsize = isz ? PyLong_AsSsize_t(isz) : -1;
+  Py_XDECREF(isz);
+  if (!dt || itemsize < 0) {
+    Py_XDECREF(dt);
     PyErr_Clear();
     return;
   }
   strcpy(em__dtypes[em__ndtypes].wire, wire);
   em__dtypes[em__ndtypes].dtype = dt;
+  em__dtypes[em__ndtypes].itemsize = itemsize;
   em__ndtypes++;
 }
 
-/* NULL without an exception when the dtype is not cached. */
-static PyObject *em__make_array_fast(PyObject *buf, Py_ssize_t off, const char *wire, PyObject *shape,
-                                     int scalar) {
-  PyObject *dt = NULL;
+static int em__dtype_find(const char *wire) {
   for (int i = 0; i < em__ndtypes; i++)
-    if (strcmp(em__dtypes[i].wire, wire) == 0) {
-      dt = em__dtypes[i].dtype;
-      break;
-    }
-  if (!dt || !em_py.ndarray_type) return NULL;
+    if (strcmp(em__dtypes[i].wire, wire) == 0) return i;
+  return -1;
+}
+
+/* The array straight from numpy's C API (see em__np_init), when the dtype
+ * is cached and the array is one the general path would make without a
+ * complaint: the item size numpy has for the dtype is the one the reader
+ * checked the blob size with (so the blob holds the whole array), and not 0
+ * (numpy.ndarray() treats "S0"/"U0" specially). NULL without an exception
+ * when not applicable. */
+static PyObject *em__make_array_np(PyObject *buf, const em_array *a, Py_ssize_t off, int slot) {
+  if (slot < 0 || !em__np.dec || em__dtypes[slot].itemsize <= 0 ||
+      (uint64_t)em__dtypes[slot].itemsize != a->itemsize)
+    return NULL;
+  Py_ssize_t dims[EM_ARRAY_MAX_NDIM];
+  for (uint32_t i = 0; i < a->ndim; i++) {
+    /* an empty array may have other dimensions of any size; numpy's size
+     * checks for those are left to the general path */
+    if (a->len_bytes == 0 && a->shape[i] > INT32_MAX) return NULL;
+    dims[i] = (Py_ssize_t)a->shape[i];
+  }
+  PyObject *dt = em__dtypes[slot].dtype;
+  Py_INCREF(dt); /* stolen */
+  PyObject *r = em__np.new_from_descr((PyTypeObject *)em_py.ndarray_type, dt, (int)a->ndim, dims, NULL,
+                                      (char *)em_buf_data(((em__framebuf *)buf)->buf) + off, EM__NPY_CARRAY, NULL);
+  if (!r) return NULL;
+  Py_INCREF(buf); /* stolen */
+  if (em__np.set_base(r, buf) < 0) {
+    Py_DECREF(r);
+    return NULL;
+  }
+  if (!a->is_scalar) return r;
+  PyObject *empty = PyTuple_New(0);
+  PyObject *v = empty ? PyObject_GetItem(r, empty) : NULL;
+  Py_XDECREF(empty);
+  Py_DECREF(r);
+  return v;
+}
+
+/* NULL without an exception when the dtype is not cached. */
+static PyObject *em__make_array_fast(PyObject *buf, Py_ssize_t off, int slot, PyObject *shape, int scalar) {
+  if (slot < 0 || !em_py.ndarray_type) return NULL;
+  PyObject *dt = em__dtypes[slot].dtype;
   if (!em__ndarray_kwnames) {
     em__ndarray_kwnames = Py_BuildValue("(sss)", "dtype", "buffer", "offset");
     if (!em__ndarray_kwnames) return NULL;
@@ -471,6 +780,14 @@ static PyObject *em__dec_array(em__dec *d, const em_value *v) {
     f->len = (Py_ssize_t)d->m->frame_bytes;
     d->bufobj = (PyObject *)f;
   }
+  Py_ssize_t off = (Py_ssize_t)((const uint8_t *)a.data - em_buf_data(d->m->buf));
+  int slot = em__dtype_find(a.dtype);
+  PyObject *r = NULL;
+  if (slot >= 0 && em_py.ndarray_type) {
+    em__np_ready();
+    if ((r = em__make_array_np(d->bufobj, &a, off, slot))) return r;
+    PyErr_Clear(); /* the general path says what is wrong, as it would have */
+  }
   PyObject *shape = PyTuple_New(a.ndim);
   if (!shape) return NULL;
   for (uint32_t i = 0; i < a.ndim; i++) {
@@ -481,15 +798,14 @@ static PyObject *em__dec_array(em__dec *d, const em_value *v) {
     }
     PyTuple_SET_ITEM(shape, i, n);
   }
-  Py_ssize_t off = (Py_ssize_t)((const uint8_t *)a.data - em_buf_data(d->m->buf));
-  PyObject *r = em__make_array_fast(d->bufobj, off, a.dtype, shape, a.is_scalar);
+  r = em__make_array_fast(d->bufobj, off, slot, shape, a.is_scalar);
   if (!r && !PyErr_Occurred()) { /* dtype not seen yet: numpy parses it */
     r = PyObject_CallFunction(em_py.make_array, "OnsOi", d->bufobj, off, a.dtype, shape, a.is_scalar);
     if (r && !a.is_scalar) em__dtype_remember(a.dtype, r);
   }
+  Py_DECREF(shape);
   if (!r && PyErr_ExceptionMatches(PyExc_ValueError)) /* numpy refused the shape or dtype */
     em__dec_fail_from(PyExc_ValueError, "numpy cannot make this array (shape or dtype out of range)");
-  Py_DECREF(shape);
   return r;
 }
 

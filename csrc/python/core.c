@@ -419,6 +419,7 @@ typedef struct {
   em_server *s;
   PyObject *dispatch;      /* fn(method, payload) -> reply payload */
   PyObject *routes;        /* dict method -> fn(payload), tried before dispatch, or NULL */
+  PyObject *gate;          /* a _core.Gate (the role's request rules, checked in C before decoding), or NULL */
   PyObject *format_error;  /* fn(exc) -> dict for the ERROR reply */
   PyObject *log;           /* fn(level, msg) */
   PyThreadState *tstate;   /* the loop thread's, while run() runs */
@@ -501,6 +502,12 @@ static int em__handler(void *ud, const em_msg *req, em_payload *reply) {
   em__drain_released(s);
   int type = EM_MSG_REPLY;
   PyObject *method = NULL;
+  /* the role's rules first, in C: a refused request is answered without
+   * being decoded into Python objects */
+  if (s->gate && em_gate_check(em_py_gate_get(s->gate), req, reply) == EM_MSG_ERROR) {
+    type = EM_MSG_ERROR;
+    goto out;
+  }
   PyObject *payload = em_py_decode(req, &method);
   if (!payload) {
     type = em__pack_exception(s, reply);
@@ -593,7 +600,7 @@ static int em__server_init(PyObject *self, PyObject *args, PyObject *kw) {
   em__pyserver *s = (em__pyserver *)self;
   static char *kwlist[] = {"host", "port", "service", "dispatch", "format_error", "log",
                            "hello_info", "max_message_bytes", "routes", "token", "handshake_timeout",
-                           "max_pending_bytes", "progress_timeout", NULL};
+                           "max_pending_bytes", "progress_timeout", "gate", NULL};
   const char *host, *service;
   int port;
   PyObject *dispatch, *format_error, *log;
@@ -602,14 +609,23 @@ static int em__server_init(PyObject *self, PyObject *args, PyObject *kw) {
   PyObject *routes = NULL;
   const char *token = NULL;
   double handshake_timeout = 0, progress_timeout = 0;
+  PyObject *gate = NULL;
   if (s->s) {
     PyErr_SetString(PyExc_RuntimeError, "Server.__init__ called twice");
     return -1;
   }
-  if (!PyArg_ParseTupleAndKeywords(args, kw, "sisOOO|y*KOzdKd", kwlist, &host, &port, &service, &dispatch,
+  if (!PyArg_ParseTupleAndKeywords(args, kw, "sisOOO|y*KOzdKdO", kwlist, &host, &port, &service, &dispatch,
                                    &format_error, &log, &info, &max_bytes, &routes, &token, &handshake_timeout,
-                                   &max_pending, &progress_timeout))
+                                   &max_pending, &progress_timeout, &gate))
     return -1;
+  if (gate == Py_None) gate = NULL;
+  if (gate && !em_py_gate_get(gate)) {
+    PyBuffer_Release(&info);
+    PyErr_SetString(PyExc_TypeError, "gate must be a _core.Gate or None");
+    return -1;
+  }
+  Py_XINCREF(gate);
+  Py_XSETREF(s->gate, gate);
   if (routes == Py_None) routes = NULL;
   if (routes && !PyDict_CheckExact(routes)) {
     PyBuffer_Release(&info);
@@ -629,7 +645,8 @@ static int em__server_init(PyObject *self, PyObject *args, PyObject *kw) {
   Py_XSETREF(s->routes, routes);
   s->format_error = format_error;
   s->log = log;
-  em_server_opts o = {0};
+  em_server_opts o;
+  em_server_opts_init(&o);
   o.host = host;
   o.port = (uint16_t)port;
   o.service = service;
@@ -802,6 +819,7 @@ static void em__server_dealloc(PyObject *self) {
   em__server_free(s);
   Py_XDECREF(s->dispatch);
   Py_XDECREF(s->routes);
+  Py_XDECREF(s->gate);
   Py_XDECREF(s->format_error);
   Py_XDECREF(s->log);
   Py_XDECREF(s->pending);
@@ -1033,7 +1051,7 @@ static struct PyModuleDef em__module = {PyModuleDef_HEAD_INIT, "edgeml._core", "
 
 PyMODINIT_FUNC PyInit__core(void) {
   if (PyType_Ready(&em__client_type) < 0 || PyType_Ready(&em__server_type) < 0 ||
-      PyType_Ready(&em_py_framebuf_type) < 0 || PyType_Ready(&em__sub_type) < 0)
+      PyType_Ready(&em_py_framebuf_type) < 0 || PyType_Ready(&em__sub_type) < 0 || PyType_Ready(&em_py_gate_type) < 0)
     return NULL;
   PyObject *m = PyModule_Create(&em__module);
   if (!m) return NULL;
@@ -1045,6 +1063,8 @@ PyMODINIT_FUNC PyInit__core(void) {
   PyModule_AddObject(m, "Subscriber", (PyObject *)&em__sub_type);
   Py_INCREF(&em_py_framebuf_type);
   PyModule_AddObject(m, "FrameBuffer", (PyObject *)&em_py_framebuf_type);
+  Py_INCREF(&em_py_gate_type);
+  PyModule_AddObject(m, "Gate", (PyObject *)&em_py_gate_type);
   PyModule_AddIntConstant(m, "PROTOCOL_VERSION", EM_PROTOCOL_VERSION);
   PyModule_AddIntConstant(m, "MSG_REQUEST", EM_MSG_REQUEST);
   PyModule_AddIntConstant(m, "MSG_REPLY", EM_MSG_REPLY);

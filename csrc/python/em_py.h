@@ -54,4 +54,9 @@ PyObject *em_py_raise(int code, const char *fmt, ...);
 
 extern PyTypeObject em_py_framebuf_type;
 
+/* edgeml._core.Gate (gate.c); em_py_gate_get: its em_gate, or NULL when o
+ * is not a Gate. */
+extern PyTypeObject em_py_gate_type;
+em_gate *em_py_gate_get(PyObject *o);
+
 #endif
