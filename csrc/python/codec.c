@@ -285,7 +285,8 @@ static void em__np_init(void) {
   memset(&em__np, 0, sizeof em__np);
   for (int i = 0; i < em__enc_ndtypes; i++) Py_CLEAR(em__enc_dtypes[i].descr);
   em__enc_ndtypes = 0;
-  em__np.for_type = Py_NewRef(em_py.ndarray_type);
+  Py_INCREF(em_py.ndarray_type);
+  em__np.for_type = em_py.ndarray_type;
   PyObject *np = PyImport_ImportModule("numpy");
   PyObject *mu = np ? PyImport_ImportModule("numpy._core._multiarray_umath") : NULL;
   if (np && !mu && PyErr_ExceptionMatches(PyExc_ModuleNotFoundError)) { /* numpy 1.x */
@@ -335,7 +336,8 @@ static void em__enc_dtype_remember(PyObject *arr, const char *dts, Py_ssize_t it
   PyObject *descr = ((em__np_fields *)arr)->descr;
   for (int i = 0; i < em__enc_ndtypes; i++)
     if (em__enc_dtypes[i].descr == descr) return;
-  em__enc_dtypes[em__enc_ndtypes].descr = Py_NewRef(descr);
+  Py_INCREF(descr);
+  em__enc_dtypes[em__enc_ndtypes].descr = descr;
   em__enc_dtypes[em__enc_ndtypes].itemsize = (uint32_t)itemsize;
   strcpy(em__enc_dtypes[em__enc_ndtypes].wire, dts);
   em__enc_ndtypes++;
@@ -360,7 +362,8 @@ static int em__enc_array_fast(em__enc *e, PyObject *arr) {
    * has no releasebuffer, checked in em__np_init) */
   Py_buffer view = {0};
   view.buf = f->data;
-  view.obj = Py_NewRef(arr);
+  Py_INCREF(arr);
+  view.obj = arr;
   view.len = (Py_ssize_t)n;
   view.readonly = 1;
   view.itemsize = (Py_ssize_t)em__enc_dtypes[i].itemsize;
