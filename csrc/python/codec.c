@@ -812,6 +812,32 @@ static PyObject *em__dec_array(em__dec *d, const em_value *v) {
   return r;
 }
 
+/* Short ASCII strings (dict keys, method names) recur in every message: the
+ * str objects of the last ones seen, by a hash of their bytes, are reused
+ * (str is immutable, and a reused one has its hash computed already, which
+ * the dict insert and the route lookup need). GIL held. */
+#define EM__STR_SLOTS 128
+#define EM__STR_MAX 32
+static PyObject *em__strs[EM__STR_SLOTS];
+
+static PyObject *em__dec_str(const char *p, uint32_t n) {
+  if (n == 0 || n > EM__STR_MAX) return PyUnicode_DecodeUTF8(p, n, NULL);
+  uint32_t h = 2166136261u ^ n;
+  for (uint32_t i = 0; i < n; i++) h = (h ^ (uint8_t)p[i]) * 16777619u;
+  PyObject **slot = &em__strs[(h ^ (h >> 15)) & (EM__STR_SLOTS - 1)];
+  PyObject *c = *slot;
+  if (c && PyUnicode_GET_LENGTH(c) == (Py_ssize_t)n && memcmp(PyUnicode_DATA(c), p, n) == 0) {
+    Py_INCREF(c);
+    return c;
+  }
+  PyObject *s = PyUnicode_DecodeUTF8(p, n, NULL);
+  if (s && PyUnicode_IS_COMPACT_ASCII(s)) { /* its data are the bytes, one per character */
+    Py_INCREF(s);
+    Py_XSETREF(*slot, s);
+  }
+  return s;
+}
+
 /* The next value of the body and everything inside it, straight from the
  * bytes (one pass: the reader checks each token as it goes). */
 static PyObject *em__dec_next(em__dec *d) {
@@ -824,7 +850,7 @@ static PyObject *em__dec_next(em__dec *d) {
     case EM_T_UINT: return PyLong_FromUnsignedLongLong(v.as.u);
     case EM_T_FLOAT: return PyFloat_FromDouble(v.as.f);
     case EM_T_STR: {
-      PyObject *s = PyUnicode_DecodeUTF8(v.as.str, v.len, NULL);
+      PyObject *s = em__dec_str(v.as.str, v.len);
       return s ? s : em__dec_fail_from(PyExc_UnicodeDecodeError, "string is not valid UTF-8");
     }
     case EM_T_BIN: return PyBytes_FromStringAndSize((const char *)v.as.bin, v.len);
