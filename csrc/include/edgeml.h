@@ -532,8 +532,9 @@ typedef struct em_server em_server;
 /* A request handler. Runs on the server's loop thread, one request at a
  * time. `req` is borrowed for the call (retain req->buf to keep its memory).
  * Fill `reply` (already initialised, empty) and return EM_MSG_REPLY, or
- * EM_MSG_ERROR with an error map as body. Any other return value closes the
- * connection (use it for a request the handler cannot accept). */
+ * EM_MSG_ERROR with an error map as body. EM_EDECODE closes the connection
+ * as a malformed body (counted in protocol_errors); any other return value
+ * closes it too (use it for a request the handler cannot accept). */
 typedef int (*em_handler_fn)(void *ud, const em_msg *req, em_payload *reply);
 
 /* Called on the loop thread every tick_ns while the server runs (e.g. to
@@ -552,6 +553,13 @@ typedef struct em_server_opts {
   uint64_t max_message_bytes;  /* 0 = default 1 GiB */
   em_handler_fn handler;       /* NULL: a broadcast-only server (REQUEST is
                                   answered with an ERROR) */
+  int handler_checks_body;     /* 1: the handler reads every request body
+                                  with a checking reader (em_reader, or
+                                  em_msg_value/em_msg_request) and returns
+                                  EM_EDECODE for a malformed one, so the
+                                  server does not check it first (one pass
+                                  over the body instead of two). 0: bodies
+                                  are checked before the handler runs. */
   void *handler_ud;
   em_tick_fn tick;             /* may be NULL */
   void *tick_ud;

@@ -310,7 +310,9 @@ static void em__on_frame(void *ud, em__conn *c, em_msg *m) {
     em__conn_send(c, p, EM_MSG_ERROR, m->req_id, ts);
   } else if (m->type == EM_MSG_REQUEST) {
     const char *why = NULL;
-    if (em__body_check(m, &why) != EM_OK) {
+    /* one pass: a handler that reads the body with em_reader checks it as
+     * it goes and says EM_EDECODE; others get a body checked here first */
+    if (!s->opts.handler_checks_body && em__body_check(m, &why) != EM_OK) {
       atomic_fetch_add(&s->n_bad_bodies, 1);
       em__conn_close(c, EM_LOG_WARNING, why);
       em_msg_free(m);
@@ -324,6 +326,11 @@ static void em__on_frame(void *ud, em__conn *c, em_msg *m) {
       if (type == EM_MSG_ERROR) atomic_fetch_add(&s->n_errors, 1);
       uint64_t ts[4] = {0, t_recv, t_start, t_end};
       em__conn_send(c, p, (uint8_t)type, m->req_id, ts);
+    } else if (type == EM_EDECODE) {
+      em_payload_reset(p);
+      atomic_fetch_add(&s->n_bad_bodies, 1);
+      if (em__body_check(m, &why) == EM_OK) why = "malformed body";
+      em__conn_close(c, EM_LOG_WARNING, why);
     } else {
       em_payload_reset(p);
       em__conn_close(c, EM_LOG_WARNING, "the handler rejected a request");
