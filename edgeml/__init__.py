@@ -12,7 +12,7 @@ from .data import DataStoreBase, PersistentDataStore, QueuedDataStore
 from .edge import ActionClient, ActionConfig, ActionServer, EdgeClient, EdgeConfig, EdgeServer
 from .errors import (AddressInUseError, ClosedError, DecodeError, EdgeMLConnectionError, EdgeMLError,
                      EdgeMLTimeoutError, EncodeError, HandshakeError, InvalidArgumentError, InvalidKeyError,
-                     MessageTooLargeError, ProtocolError, RateLimitError, RemoteError, UnknownDataStoreError,
+                     MessageTooLargeError, ProtocolError, RateLimitError, DeviceError, RemoteError, UnknownDataStoreError,
                      UnknownInterfaceError, UnknownRequestTypeError)
 from ._base import servers, stop_servers
 from .inference import InferenceClient, InferenceServer
@@ -30,5 +30,5 @@ __all__ = [
     "EdgeMLError", "EdgeMLTimeoutError", "EdgeMLConnectionError", "HandshakeError", "ProtocolError",
     "ClosedError", "MessageTooLargeError", "AddressInUseError", "InvalidArgumentError", "EncodeError",
     "DecodeError", "RemoteError", "UnknownInterfaceError", "InvalidKeyError", "UnknownRequestTypeError",
-    "UnknownDataStoreError", "RateLimitError", "encode_frame", "decode_frame",
+    "UnknownDataStoreError", "RateLimitError", "DeviceError", "encode_frame", "decode_frame",
 ]

@@ -116,6 +116,12 @@ class UnknownDataStoreError(EdgeMLError, builtins.LookupError):
     """Data sent for a store name the trainer has not registered."""
 
 
+class DeviceError(EdgeMLError, builtins.RuntimeError):
+    """The device asked for cannot be used: no CUDA runtime library, no
+    such device, a driver too old for the runtime, or a CUDA call failed.
+    The message says which."""
+
+
 class RateLimitError(EdgeMLError, builtins.RuntimeError):
     """A call came sooner than the config's ``rate_limit`` allows;
     ``retry_after`` is how many seconds to wait."""
@@ -151,6 +157,8 @@ CODE_TO_ERROR = {
     "EDECODE": DecodeError,
     "EINTR": InterruptedError_,
     "EFORKED": ClosedError,
+    "ENODEV": DeviceError,
+    "ECUDA": DeviceError,
 }
 
 # Errors raised inside a server that travel back to the caller as themselves
@@ -195,5 +203,5 @@ __all__ = [
     "EdgeMLError", "EdgeMLTimeoutError", "EdgeMLConnectionError", "HandshakeError", "ProtocolError",
     "ClosedError", "MessageTooLargeError", "AddressInUseError", "InvalidArgumentError", "EncodeError",
     "DecodeError", "RemoteError", "UnknownInterfaceError", "InvalidKeyError", "UnknownRequestTypeError",
-    "UnknownDataStoreError", "RateLimitError",
+    "UnknownDataStoreError", "RateLimitError", "DeviceError",
 ]

@@ -60,7 +60,9 @@ extern "C" {
   X(EENCODE, -15, "payload cannot be encoded")                              \
   X(EDECODE, -16, "payload cannot be decoded")                              \
   X(EINTR, -17, "interrupted")                                              \
-  X(EFORKED, -18, "opened in another process (before a fork)")
+  X(EFORKED, -18, "opened in another process (before a fork)")             \
+  X(ENODEV, -19, "no usable device (runtime library, device or driver)")    \
+  X(ECUDA, -20, "the CUDA runtime failed")
 
 typedef enum em_err {
 #define EM__ERR_ENUM(name, code, msg) EM_##name = code,
