@@ -34,6 +34,7 @@ typedef struct em_pool em_pool;
 struct em_buf {
   atomic_int refs;
   int klass;          /* size class index, -1 = unpooled */
+  bool from_arena;    /* data came from the pool's arena (see below) */
   size_t cap_bytes;
   em_pool *pool;      /* owned reference */
   uint8_t *data;      /* 64-byte aligned, cap_bytes long */
@@ -45,6 +46,37 @@ void em__pool_retain(em_pool *p);
 void em__pool_release(em_pool *p);
 /* A buffer of at least `size` bytes, refs = 1; NULL when out of memory. */
 em_buf *em__buf_alloc(em_pool *p, size_t size);
+
+/* An arena: memory the pool carves buffers from before it uses ordinary
+ * memory (e.g. one pinned CUDA allocation, cuda/cuda.c). alloc returns
+ * `bytes` (a multiple of 4 KiB) 64-byte aligned, or NULL when the arena
+ * cannot hold them; free gives them back; destroy (may be NULL) runs once,
+ * when the pool's last reference goes (after every buffer is released).
+ * All three may be called from any thread, concurrently (the arena locks
+ * itself), never with the pool's mutex held.
+ * In a pool with an arena, em__buf_alloc tries the arena first; when it is
+ * full it falls back to the pool's ordinary path (free lists, then fresh
+ * memory) and counts that in fallback_allocs, so a full arena never fails
+ * an allocation. Arena buffers go back to the arena when released (they
+ * never sit on the free lists, so the arena's memory is never stranded in
+ * one size class); ordinary buffers follow max_cached_bytes as usual. */
+typedef struct em_pool_arena {
+  void *(*alloc)(void *ud, size_t bytes);
+  void (*free)(void *ud, void *data, size_t bytes);
+  void (*destroy)(void *ud);
+  void *ud;
+} em_pool_arena;
+/* A pool over `arena` (copied). The pool owns arena->ud from here on: it
+ * calls destroy when it goes. NULL when out of memory (destroy not run). */
+em_pool *em__pool_new_arena(size_t max_cached_bytes, const em_pool_arena *arena);
+typedef struct em_pool_counts {
+  uint64_t arena_allocs;    /* buffers carved from the arena */
+  uint64_t fallback_allocs; /* buffers of ordinary memory because the arena was full */
+  uint64_t arena_bufs_out;  /* arena buffers not yet released */
+} em_pool_counts;
+void em__pool_counts(em_pool *p, em_pool_counts *out); /* zeros without an arena */
+/* The pool's arena (its callbacks and ud), or NULL for a pool without one. */
+const em_pool_arena *em__pool_arena(const em_pool *p);
 
 /* ---- payloads (the public em_payload is opaque; wire/payload.c, value.c)
  * Internal code may build one on the stack with em_payload_init and write

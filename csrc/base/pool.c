@@ -4,7 +4,10 @@
  * unpooled memory. A released buffer goes back to its class's free list
  * unless the pool already caches max_cached_bytes, in which case it is
  * freed. Each buffer holds a pool reference, so buffers may outlive the
- * server or client that made them (numpy arrays viewing them, say). */
+ * server or client that made them (numpy arrays viewing them, say).
+ * A pool may also have an arena (em__pool_new_arena, em_base.h): buffers
+ * are carved from it first, ordinary memory is the fallback when it is
+ * full. */
 #include "em_base.h"
 
 #include <stdlib.h>
@@ -18,6 +21,9 @@ struct em_pool {
   em_buf *free_list[EM__POOL_CLASSES]; /* guarded by mu */
   size_t cached_bytes;                 /* guarded by mu */
   size_t max_cached_bytes;
+  bool has_arena;
+  em_pool_arena arena; /* when has_arena; see em_base.h */
+  atomic_uint_fast64_t arena_allocs, fallback_allocs, arena_bufs_out;
 };
 
 em_pool *em__pool_new(size_t max_cached_bytes) {
@@ -29,10 +35,31 @@ em_pool *em__pool_new(size_t max_cached_bytes) {
   return p;
 }
 
+em_pool *em__pool_new_arena(size_t max_cached_bytes, const em_pool_arena *arena) {
+  em_pool *p = em__pool_new(max_cached_bytes);
+  if (!p) return NULL;
+  p->has_arena = true;
+  p->arena = *arena;
+  return p;
+}
+
+const em_pool_arena *em__pool_arena(const em_pool *p) { return p->has_arena ? &p->arena : NULL; }
+
+void em__pool_counts(em_pool *p, em_pool_counts *out) {
+  out->arena_allocs = atomic_load(&p->arena_allocs);
+  out->fallback_allocs = atomic_load(&p->fallback_allocs);
+  out->arena_bufs_out = atomic_load(&p->arena_bufs_out);
+}
+
 void em__pool_retain(em_pool *p) { atomic_fetch_add(&p->refs, 1); }
 
 static void em__buf_destroy(em_buf *b) {
-  free(b->data);
+  if (b->from_arena) {
+    b->pool->arena.free(b->pool->arena.ud, b->data, b->cap_bytes);
+    atomic_fetch_sub(&b->pool->arena_bufs_out, 1);
+  } else {
+    free(b->data);
+  }
   free(b);
 }
 
@@ -47,6 +74,7 @@ void em__pool_release(em_pool *p) {
     }
   }
   pthread_mutex_destroy(&p->mu);
+  if (p->has_arena && p->arena.destroy) p->arena.destroy(p->arena.ud);
   free(p);
 }
 
@@ -57,9 +85,34 @@ static int em__size_class(size_t size) {
   return -1;
 }
 
+static size_t em__class_cap(int k, size_t size) {
+  return k >= 0 ? ((size_t)1 << (EM__POOL_MIN_SHIFT + k)) : EM__ALIGN_UP(size, 4096);
+}
+
+/* A buffer carved from the arena, or NULL when it is full (or size is
+ * absurd, or out of memory for the em_buf itself). */
+static em_buf *em__arena_buf(em_pool *p, int k, size_t size) {
+  if (size > SIZE_MAX - 4096) return NULL;
+  size_t cap = em__class_cap(k, size);
+  em_buf *b = calloc(1, sizeof *b);
+  if (!b) return NULL;
+  b->data = p->arena.alloc(p->arena.ud, cap);
+  if (!b->data) {
+    free(b);
+    return NULL;
+  }
+  b->cap_bytes = cap;
+  b->klass = k;
+  b->from_arena = true;
+  atomic_fetch_add(&p->arena_allocs, 1);
+  atomic_fetch_add(&p->arena_bufs_out, 1);
+  return b;
+}
+
 em_buf *em__buf_alloc(em_pool *p, size_t size) {
   int k = em__size_class(size);
   em_buf *b = NULL;
+  if (p->has_arena && (b = em__arena_buf(p, k, size))) goto got;
   if (k >= 0) {
     pthread_mutex_lock(&p->mu);
     b = p->free_list[k];
@@ -70,7 +123,7 @@ em_buf *em__buf_alloc(em_pool *p, size_t size) {
     pthread_mutex_unlock(&p->mu);
   }
   if (!b) {
-    size_t cap = k >= 0 ? ((size_t)1 << (EM__POOL_MIN_SHIFT + k)) : EM__ALIGN_UP(size, 4096);
+    size_t cap = em__class_cap(k, size);
     b = calloc(1, sizeof *b);
     if (!b) return NULL;
     b->data = aligned_alloc(EM_BLOB_ALIGN, cap);
@@ -81,6 +134,8 @@ em_buf *em__buf_alloc(em_pool *p, size_t size) {
     b->cap_bytes = cap;
     b->klass = k;
   }
+  if (p->has_arena) atomic_fetch_add(&p->fallback_allocs, 1);
+got:
   atomic_init(&b->refs, 1);
   b->next_free = NULL;
   b->pool = p;
@@ -97,7 +152,7 @@ void em_buf_release(em_buf *b) {
   if (!b || atomic_fetch_sub(&b->refs, 1) != 1) return;
   em_pool *p = b->pool;
   bool keep = false;
-  if (b->klass >= 0) {
+  if (b->klass >= 0 && !b->from_arena) {
     pthread_mutex_lock(&p->mu);
     if (p->cached_bytes + b->cap_bytes <= p->max_cached_bytes) {
       b->next_free = p->free_list[b->klass];
