@@ -105,13 +105,13 @@ def find_deps():
 
 here = os.path.dirname(os.path.abspath(__file__))
 sources = []
-for layer in ("base", "wire", "net", "timing", "rpc", "proto", "python"):
+for layer in ("base", "wire", "net", "timing", "rpc", "proto", "cuda", "python"):
     sources += sorted(glob.glob(os.path.join("csrc", layer, "*.c")))
 
 cflags, libs = find_deps()
 extra_compile = ["-std=gnu11", "-O2", "-fvisibility=hidden", "-Wall", "-Wextra", "-Wno-unused-parameter",
                  "-Wno-missing-field-initializers", "-D_GNU_SOURCE"] + cflags
-extra_link = libs + ["-lpthread", "-lm"]
+extra_link = libs + ["-lpthread", "-lm", "-ldl"]
 if os.environ.get("EDGEML_SANITIZE") == "asan":
     extra_compile += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
     extra_link += ["-fsanitize=address,undefined"]
