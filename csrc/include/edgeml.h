@@ -532,12 +532,73 @@ EM_API uint64_t em_client_idle_ns(em_client *c);
 typedef struct em_server em_server;
 
 /* A request handler. Runs on the server's loop thread, one request at a
- * time. `req` is borrowed for the call (retain req->buf to keep its memory).
+ * time. `req` is borrowed for the call (retain req->buf to keep its memory,
+ * or take the whole request with em_server_defer).
  * Fill `reply` (already initialised, empty) and return EM_MSG_REPLY, or
- * EM_MSG_ERROR with an error map as body. EM_EDECODE closes the connection
+ * EM_MSG_ERROR with an error map as body; or take the request with
+ * em_server_defer and return EM_MSG_DEFER (`reply` is then not sent: the
+ * answer comes through the em_pending). A handler that deferred and returns
+ * EM_MSG_REPLY/ERROR anyway has that reply dropped (logged as an error);
+ * EM_MSG_DEFER without em_server_defer closes the connection.
+ * EM_EDECODE closes the connection
  * as a malformed body (counted in protocol_errors); any other return value
- * closes it too (use it for a request the handler cannot accept). */
+ * closes it too (use it for a request the handler cannot accept; a request
+ * deferred before that is then answered with ECONNCLOSED). */
 typedef int (*em_handler_fn)(void *ud, const em_msg *req, em_payload *reply);
+
+/* Deferred replies: a handler takes a request, returns at once, and the
+ * reply is sent later from any thread (e.g. a worker that ran a batch of
+ * requests from many connections). A connection may have many requests
+ * deferred at once (they count toward its pipelining: above 4096 of them,
+ * or 64 MiB of their frames, it is not read until some are answered), and
+ * its replies may come in any order (the client matches them by id).
+ * Stop and close: the replies queued by em_pending_reply before the loop
+ * begins to stop (em_server_stop, a tick) are written before
+ * em_server_run returns; from then on em_pending_reply returns ECLOSED and
+ * sends nothing, so answer (or drop) what is outstanding before stopping if
+ * it must reach the callers (em_server_stats.deferred counts it). A
+ * pending may outlive em_server_close: it holds a reference to what it
+ * needs, freed with the last one (reply or drop every pending, also after
+ * close). After fork(), in the child, em_pending_reply returns EFORKED and
+ * em_pending_drop does nothing, both leaving p as it is (the parent's);
+ * em_pending_alive is 0 there. */
+
+/* A handler return value (not a message type): the reply comes later,
+ * through the em_pending the handler took with em_server_defer. */
+#define EM_MSG_DEFER 0x100
+typedef struct em_pending em_pending;
+/* Inside a handler (loop thread): take `req` for a later reply. The
+ * request message stays valid (its memory is retained) until the pending
+ * is answered or dropped. NULL when out of memory (then reply at once), or
+ * when `req` is not the request of the handler call running now or was
+ * deferred already. On success *p is owned by the caller, who must answer
+ * it with em_pending_reply or free it with em_pending_drop. */
+EM_API em_pending *em_server_defer(em_server *s, const em_msg *req);
+/* The request (valid until reply/drop). Any thread. */
+EM_API const em_msg *em_pending_request(const em_pending *p);
+/* Send the reply (EM_MSG_REPLY or EM_MSG_ERROR with `reply` as built)
+ * from any thread; frees p (also on error). The frame is built and copied
+ * here, so `reply` and its borrowed arrays are the caller's again when
+ * this returns (it is reset, empty and ready for reuse; its release hook
+ * has run). The reply may borrow arrays from the request (they are read
+ * before the request is freed). The loop thread writes it, one write per
+ * reply, in the order of the em_pending_reply calls. EM_OK means handed to
+ * the loop: a connection that closes before the write loses it, as it
+ * would a reply sent at once. Several threads may reply at once.
+ * Timestamps: t2 = when the request was deferred, t3 = this call (so the
+ * client's HANDLER stage is the queue+batch time, and REPLY the copy).
+ * Errors: ECONNCLOSED (the connection closed meanwhile: nothing sent),
+ * ECLOSED (the server stopped), ENOMEM, ETOOBIG (over max_message_bytes),
+ * EENCODE (reply failed to build or is incomplete), EINVAL (p or reply
+ * NULL, or another type) (p freed in all cases); EFORKED (in a fork child:
+ * nothing touched, p not freed). */
+EM_API int em_pending_reply(em_pending *p, int type, em_payload *reply);
+/* Free without replying (the caller will get no answer: use only when its
+ * connection is known closed, or at shutdown). Any thread. NULL ok. */
+EM_API void em_pending_drop(em_pending *p);
+/* 1 while the request's connection is still open (a worker may skip work
+ * for callers that have gone). Any thread; approximate. */
+EM_API int em_pending_alive(const em_pending *p);
 
 /* Called on the loop thread every tick_ns while the server runs (e.g. to
  * check for signals); a non-zero return stops the server. */
@@ -640,6 +701,7 @@ typedef struct em_server_stats {
   uint64_t max_pending_bytes; /* the budget for them */
   uint64_t reads_paused;    /* times a connection waited for that budget */
   uint64_t stalled_closed;  /* connections closed by progress_timeout */
+  uint64_t deferred;        /* pendings (em_server_defer) not yet answered or dropped */
 } em_server_stats;
 EM_API void em_server_get_stats(const em_server *s, em_server_stats *st);
 
@@ -713,5 +775,7 @@ EM_API void em_sub_close(em_sub *s);
 
 /* The roles (Edge, Trainer, Inference servers and clients) on top of this. */
 #include "edgeml_roles.h"
+/* The CUDA layer (the runtime found at run time). */
+#include "edgeml_cuda.h"
 
 #endif /* EDGEML_H */

@@ -34,6 +34,11 @@ typedef struct em__listener_cbs {
   /* Budget for bytes held in frames still being received, all connections
    * together (see em__budget); 0 = em__default_pending_bytes(). */
   uint64_t max_pending_bytes;
+  /* Runs once on the loop thread when the listener begins to stop (stop,
+   * a tick's non-zero return, or close without run), before it stops
+   * reading and closes the connections: frames sent from here still go
+   * out (they drain like other queued writes). May be NULL. */
+  void (*on_stop)(void *ud);
 } em__listener_cbs;
 /* The default budget: an eighth of physical memory, at least 256 MiB. */
 uint64_t em__default_pending_bytes(void);
@@ -95,6 +100,30 @@ em__conn_sub *em__conn_sub_state(em__conn *c);
 void em__conn_set_subscribed(em__conn *c);       /* counts it once */
 uint64_t em__listener_subscribers(const em__listener *l); /* any thread */
 const char *em__conn_peer(const em__conn *c);
+
+/* A counted reference to a connection that other threads may hold (a
+ * deferred reply): `open` turns false, on the loop thread, as soon as the
+ * connection starts closing (nothing more can be sent on it); `c` is the
+ * connection, read and cleared on the loop thread only (NULL once freed). */
+typedef struct em__conn_ref {
+  atomic_int refs;
+  atomic_bool open;
+  em__conn *c;
+  uint64_t id; /* unique per listener, from 1: for logs */
+} em__conn_ref;
+/* A new reference to c (loop thread; created with c's first one). NULL
+ * when out of memory. */
+em__conn_ref *em__conn_ref_get(em__conn *c);
+void em__conn_ref_release(em__conn_ref *r); /* any thread; NULL ok */
+/* Deferred requests of c (taken for a later reply, loop thread): they
+ * count toward its pipelining like queued replies do. Above
+ * EM__MAX_DEFERRED requests or EM__MAX_DEFERRED_BYTES of their frames, c
+ * is not read until some are answered; n and bytes are signed (add on
+ * defer, subtract on reply/drop, which resumes reading). Not called from
+ * inside on_frame with a negative n. */
+#define EM__MAX_DEFERRED 4096
+#define EM__MAX_DEFERRED_BYTES (64ull << 20)
+void em__conn_defer_add(em__conn *c, int n, int64_t bytes);
 void em__log(const em__listener_cbs *cbs, int level, const char *fmt, ...);
 
 #endif

@@ -1,8 +1,9 @@
 /* listener.c: the libuv side of a server: listen, accept, read frames,
  * write replies (uv_try_write first, queued remainder), stop and close.
  *
- * Everything here runs on the loop thread except em__listener_stop and
- * em__listener_wait, which only touch `mu`, `state` and the async handle. */
+ * Everything here runs on the loop thread except em__listener_stop,
+ * em__listener_wake and em__listener_wait, which only touch `mu`, `state`
+ * and the async handle, and em__conn_ref_release (an atomic count). */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
 #endif
@@ -35,6 +36,10 @@ struct em__conn {
                               EM__PROGRESS_BYTES, or it was between frames */
   uint64_t progress_bytes; /* read since progress_mono */
   uint8_t scratch[32];     /* for the layer above (handshake nonces) */
+  uint64_t id;             /* unique in the listener, from 1 */
+  em__conn_ref *ref;       /* NULL until the first em__conn_ref_get */
+  int deferred;            /* requests taken for a later reply (em__conn_defer_add) */
+  int64_t deferred_bytes;  /* and their frames' bytes */
   char peer[64];
   em__conn *prev, *next;   /* l->conns list */
 };
@@ -62,6 +67,7 @@ struct em__listener {
   em__budget budget;           /* loop thread (held is atomic for stats) */
   uint64_t last_released;      /* budget.released when waiters were last retried */
   int n_mem_wait;              /* conns with mem_wait set */
+  uint64_t last_conn_id;
   bool retrying;
   atomic_ullong n_paused;
 };
@@ -88,6 +94,10 @@ static void em__retry_waiters(em__listener *l);
 static void em__conn_free_cb(uv_handle_t *h) {
   em__conn *c = (em__conn *)h;
   em__listener *l = c->l;
+  if (c->ref) { /* holders (deferred replies) see a closed connection from now on */
+    c->ref->c = NULL;
+    em__conn_ref_release(c->ref);
+  }
   em__reader_destroy(&c->reader); /* gives back its share of the budget */
   atomic_fetch_sub(&l->n_open, 1);
   if (c->sub.subscribed) atomic_fetch_sub(&l->n_subs, 1);
@@ -98,6 +108,7 @@ static void em__conn_free_cb(uv_handle_t *h) {
 static void em__conn_really_close(em__conn *c) {
   if (c->closing) return;
   c->closing = true;
+  if (c->ref) atomic_store(&c->ref->open, false);
   em__listener *l = c->l;
   if (c->mem_wait) {
     c->mem_wait = false;
@@ -115,6 +126,7 @@ static void em__conn_really_close(em__conn *c) {
 
 void em__conn_close(em__conn *c, int level, const char *why) {
   if (c->closing || c->close_after_writes) return;
+  if (c->ref) atomic_store(&c->ref->open, false); /* no deferred reply can go out now */
   if (why) em__log(&c->l->cbs, level, "closing connection from %s: %s", c->peer, why);
   if (c->reading) {
     uv_read_stop((uv_stream_t *)&c->tcp);
@@ -159,6 +171,28 @@ void em__listener_foreach(em__listener *l, void (*fn)(void *ud, em__conn *c), vo
 }
 const char *em__conn_peer(const em__conn *c) { return c->peer; }
 
+em__conn_ref *em__conn_ref_get(em__conn *c) {
+  if (!c->ref) {
+    em__conn_ref *r = calloc(1, sizeof *r);
+    if (!r) return NULL;
+    atomic_init(&r->refs, 1); /* c's own, released when c is freed */
+    atomic_init(&r->open, !em__conn_closing(c));
+    r->c = c;
+    r->id = c->id;
+    c->ref = r;
+  }
+  atomic_fetch_add(&c->ref->refs, 1);
+  return c->ref;
+}
+
+void em__conn_ref_release(em__conn_ref *r) {
+  if (r && atomic_fetch_sub(&r->refs, 1) == 1) free(r);
+}
+
+static bool em__conn_defer_full(const em__conn *c) {
+  return c->deferred >= EM__MAX_DEFERRED || c->deferred_bytes >= (int64_t)EM__MAX_DEFERRED_BYTES;
+}
+
 static void em__alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
   (void)suggested;
   em__conn *c = (em__conn *)h;
@@ -173,7 +207,7 @@ static void em__read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf);
 static void em__conn_process(em__conn *c);
 
 static void em__resume_reading(em__conn *c) {
-  if (!c->reading && !c->closing && !c->close_after_writes && !c->mem_wait &&
+  if (!c->reading && !c->closing && !c->close_after_writes && !c->mem_wait && !em__conn_defer_full(c) &&
       uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp) < EM__MAX_WRITE_QUEUE &&
       !atomic_load(&c->l->stop_requested)) {
     if (uv_read_start((uv_stream_t *)&c->tcp, em__alloc_cb, em__read_cb) == 0) {
@@ -251,10 +285,12 @@ static void em__conn_process(em__conn *c) {
       return;
     }
     c->l->cbs.on_frame(c->l->cbs.ud, c, m);
-    if (uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp) >= EM__MAX_WRITE_QUEUE) {
-      if (c->reading) uv_read_stop((uv_stream_t *)&c->tcp); /* slow reader: stop taking its requests */
+    if (uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp) >= EM__MAX_WRITE_QUEUE || em__conn_defer_full(c)) {
+      /* slow reader, or too many requests awaiting deferred replies: stop
+       * taking its requests */
+      if (c->reading) uv_read_stop((uv_stream_t *)&c->tcp);
       c->reading = false;
-      return; /* em__write_cb processes the rest once the queue drains */
+      return; /* em__conn_unpause processes the rest once it drains */
     }
   }
 }
@@ -297,6 +333,7 @@ static void em__on_connection(uv_stream_t *server, int status) {
     return;
   }
   c->l = l;
+  c->id = ++l->last_conn_id;
   c->reader.budget = &l->budget;
   c->accepted_mono = em_mono_ns();
   c->progress_mono = c->accepted_mono;
@@ -329,6 +366,29 @@ static void em__on_connection(uv_stream_t *server, int status) {
   em__resume_reading(c);
 }
 
+/* A paused connection (its replies queued up, or its deferred requests)
+ * may go on: first the requests already buffered (the peer may have sent
+ * everything; the stage may be full), then read again. Loop thread, never
+ * from inside on_frame. */
+static void em__conn_unpause(em__conn *c) {
+  if (!c->closing && !c->close_after_writes && !c->reading && !c->mem_wait && !em__conn_defer_full(c) &&
+      uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp) < EM__MAX_WRITE_QUEUE &&
+      !atomic_load(&c->l->stop_requested)) {
+    em__conn_process(c);
+    em__resume_reading(c);
+    em__retry_waiters(c->l);
+  }
+}
+
+void em__conn_defer_add(em__conn *c, int n, int64_t bytes) {
+  bool was_full = em__conn_defer_full(c);
+  c->deferred += n;
+  c->deferred_bytes += bytes;
+  if (c->deferred < 0) c->deferred = 0;
+  if (c->deferred_bytes < 0) c->deferred_bytes = 0;
+  if (n < 0 && was_full && !em__conn_defer_full(c)) em__conn_unpause(c);
+}
+
 typedef struct em__wreq {
   uv_write_t req;
   em__conn *c;
@@ -346,15 +406,8 @@ static void em__write_cb(uv_write_t *req, int status) {
   if (status < 0 && status != UV_ECANCELED) em__conn_close(c, EM_LOG_INFO, uv_strerror(status));
   if (c->pending_writes == 0 && c->close_after_writes) {
     em__conn_really_close(c);
-  } else if (!c->closing && !c->close_after_writes && !c->reading && !c->mem_wait &&
-             uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp) < EM__MAX_WRITE_QUEUE &&
-             !atomic_load(&c->l->stop_requested)) {
-    /* a slow reader's queue drained: first the requests already buffered
-     * (the peer may have sent everything; the stage may be full), then
-     * read again */
-    em__conn_process(c);
-    em__resume_reading(c);
-    em__retry_waiters(c->l);
+  } else {
+    em__conn_unpause(c); /* a slow reader's queue may have drained */
   }
 }
 
@@ -488,6 +541,7 @@ static void em__begin_stop(em__listener *l) {
   em__close_handle(l, (uv_handle_t *)&l->server);
   em__close_handle(l, (uv_handle_t *)&l->async);
   if (l->cbs.on_tick) em__close_handle(l, (uv_handle_t *)&l->tick);
+  if (l->cbs.on_stop) l->cbs.on_stop(l->cbs.ud); /* last frames (deferred replies) */
   em__conn *c = l->conns;
   while (c) {
     em__conn *n = c->next;

@@ -1,11 +1,72 @@
 /* server.c: an edgeml server: the handshake, then each REQUEST runs the
  * user's handler on the loop thread and its reply is written from there
- * (run-to-completion: no thread handoff on the request path). */
+ * (run-to-completion: no thread handoff on the request path), unless the
+ * handler defers it: then the reply comes later from any thread (see
+ * "deferred replies" below). */
 #include "em_rpc.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <time.h>
+
+/* ------------------------------------------------------ deferred replies
+ *
+ * A handler takes its request with em_server_defer and returns
+ * EM_MSG_DEFER. em_pending_reply (any thread) builds the reply frame into
+ * pooled memory, there and then, and queues it on the hub; the loop thread,
+ * woken through the listener's async handle (em__listener_wake), writes
+ * the queued frames in the order they were queued, one write each
+ * (em__conn_send_buf). A drop, or a reply that failed to build, is queued
+ * too (without a frame) so that the loop gives the request's share of the
+ * connection's pipelining back (em__conn_defer_add).
+ *
+ * Lifetimes: each pending holds a reference to the hub and one to its
+ * connection (em__conn_ref: an `open` flag and, for the loop thread only,
+ * the connection while it exists), never a bare pointer. The hub is freed
+ * by the last of the server and its pendings, so a reply after
+ * em_server_close finds it closed (ECLOSED) rather than freed memory.
+ * When the listener begins to stop (em__on_stop, on the loop thread) the
+ * hub closes under its lock: replies queued before that are written (they
+ * drain with the other queued writes before run returns); later ones get
+ * ECLOSED. */
+typedef struct em__hub {
+  atomic_int refs;          /* the server's, and one per pending */
+  pthread_mutex_t mu;       /* guards head/tail, and l while !closed */
+  em_pending *head, *tail;  /* for the loop thread, oldest first */
+  atomic_bool closed;       /* set under mu: nothing is queued any more */
+  em__listener *l;          /* valid while !closed (used under mu) */
+  em_pool *pool;            /* owned reference: reply frames */
+  uint64_t max_message_bytes;
+  unsigned fork_gen;
+  atomic_ullong outstanding; /* pendings not yet answered or dropped */
+  atomic_ullong n_errors;    /* ERROR replies queued */
+} em__hub;
+
+struct em_pending {
+  em__hub *hub;        /* owned reference */
+  em__conn_ref *conn;  /* owned reference */
+  em_msg *req;         /* owned until answered or dropped */
+  uint64_t req_id, t_recv, t_defer;
+  int64_t held;        /* bytes counted on the connection's pipelining */
+  em_buf *frame;       /* the reply frame (owned), NULL for a drop */
+  size_t frame_len;
+  em_pending *next;    /* on the hub's queue */
+};
+
+static void em__hub_release(em__hub *h) {
+  if (atomic_fetch_sub(&h->refs, 1) != 1) return;
+  pthread_mutex_destroy(&h->mu);
+  if (h->pool) em__pool_release(h->pool);
+  free(h);
+}
+
+static void em__pending_free(em_pending *p) {
+  if (p->req) em_msg_free(p->req);
+  if (p->frame) em_buf_release(p->frame);
+  em__conn_ref_release(p->conn);
+  em__hub_release(p->hub);
+  free(p);
+}
 
 struct em_server {
   em__listener *l;
@@ -28,6 +89,13 @@ struct em_server {
   atomic_ullong n_stalled;
   unsigned fork_gen;        /* em__fork_gen() at open: a fork child must not touch the loop */
   atomic_int entered;       /* threads inside stop/wait/publish/stats: close waits for them */
+  atomic_bool pub_dirty;    /* a value was published since on_wake last offered one */
+  em__hub *hub;             /* owned reference (deferred replies) */
+  /* the request whose handler runs now, for em_server_defer (loop thread) */
+  const em_msg *cur_req;
+  em__conn *cur_conn;
+  uint64_t cur_t_recv;
+  em_pending *cur_pending;
 };
 
 /* Handshake states of a connection (em__conn_state). */
@@ -217,14 +285,54 @@ static em__pub_snap em__pub_current(em_server *s) {
   return snap;
 }
 
-/* A new value was published: offer it to every waiting subscriber. */
+/* Write the replies (and account for the drops) of a list taken from the
+ * hub, oldest first. Loop thread. */
+static void em__deliver(em_pending *list) {
+  while (list) {
+    em_pending *p = list;
+    list = p->next;
+    em__conn *c = p->conn->c;
+    if (c) {
+      if (p->frame && atomic_load(&p->conn->open)) {
+        em__put_u64(em_buf_data(p->frame) + 32, em_now_ns()); /* ts[0]: its send time */
+        em__conn_send_buf(c, p->frame, p->frame_len);
+      }
+      em__conn_defer_add(c, -1, -p->held); /* may read c's next requests */
+    }
+    em__pending_free(p);
+  }
+}
+
+static em_pending *em__hub_take(em__hub *h, bool close) {
+  pthread_mutex_lock(&h->mu);
+  em_pending *list = h->head;
+  h->head = h->tail = NULL;
+  if (close) {
+    atomic_store(&h->closed, true);
+    h->l = NULL;
+  }
+  pthread_mutex_unlock(&h->mu);
+  return list;
+}
+
+/* A value was published (offer it to every waiting subscriber), or
+ * deferred replies were queued (write them). */
 static void em__on_wake(void *ud) {
   em_server *s = ud;
-  em__pub_snap snap = em__pub_current(s);
-  if (snap.b) {
-    em__listener_foreach(s->l, em__pub_offer_cb, &snap);
-    em_buf_release(snap.b);
+  if (atomic_exchange(&s->pub_dirty, false)) {
+    em__pub_snap snap = em__pub_current(s);
+    if (snap.b) {
+      em__listener_foreach(s->l, em__pub_offer_cb, &snap);
+      em_buf_release(snap.b);
+    }
   }
+  em__deliver(em__hub_take(s->hub, false));
+}
+
+/* The listener begins to stop: write what is queued, refuse the rest. */
+static void em__on_stop(void *ud) {
+  em_server *s = ud;
+  em__deliver(em__hub_take(s->hub, true));
 }
 
 static void em__on_subscribe(em_server *s, em__conn *c, const em_msg *m) {
@@ -278,6 +386,7 @@ static int em__publish(em_server *s, em_payload *p, uint64_t *version_out) {
     pthread_mutex_unlock(&s->pub_mu);
     if (old) em_buf_release(old);
     if (version_out) *version_out = version;
+    atomic_store(&s->pub_dirty, true);
     em__listener_wake(s->l);
   }
   if (iov != iov_small) free(iov);
@@ -319,28 +428,161 @@ static void em__on_frame(void *ud, em__conn *c, em_msg *m) {
       return;
     }
     atomic_fetch_add(&s->n_requests, 1);
+    s->cur_req = m;
+    s->cur_conn = c;
+    s->cur_t_recv = t_recv;
+    s->cur_pending = NULL;
     uint64_t t_start = em_now_ns();
     int type = s->opts.handler(s->opts.handler_ud, m, p);
     uint64_t t_end = em_now_ns();
-    if (type == EM_MSG_REPLY || type == EM_MSG_ERROR) {
+    em_pending *pend = s->cur_pending; /* then it owns m: do not read m below */
+    s->cur_req = NULL;
+    s->cur_conn = NULL;
+    s->cur_pending = NULL;
+    if (pend && (type == EM_MSG_REPLY || type == EM_MSG_ERROR)) {
+      em__listener_cbs lc = {.log = s->opts.log, .log_ud = s->opts.log_ud};
+      em__log(&lc, EM_LOG_ERROR, "a handler deferred a request and returned a reply too: the reply is dropped "
+                                 "(it comes through the em_pending)");
+      type = EM_MSG_DEFER;
+    }
+    if (type == EM_MSG_DEFER) {
+      em_payload_reset(p);
+      if (!pend) em__conn_close(c, EM_LOG_WARNING, "the handler returned EM_MSG_DEFER without em_server_defer");
+    } else if (type == EM_MSG_REPLY || type == EM_MSG_ERROR) {
       if (type == EM_MSG_ERROR) atomic_fetch_add(&s->n_errors, 1);
       uint64_t ts[4] = {0, t_recv, t_start, t_end};
       em__conn_send(c, p, (uint8_t)type, m->req_id, ts);
     } else if (type == EM_EDECODE) {
       em_payload_reset(p);
       atomic_fetch_add(&s->n_bad_bodies, 1);
-      if (em__body_check(m, &why) == EM_OK) why = "malformed body";
+      /* a deferred m may have been answered (and freed) on another thread */
+      if (pend || em__body_check(m, &why) == EM_OK) why = "malformed body";
       em__conn_close(c, EM_LOG_WARNING, why);
     } else {
       em_payload_reset(p);
       em__conn_close(c, EM_LOG_WARNING, "the handler rejected a request");
     }
+    if (pend) return; /* m is the pending's */
   } else {
     char why[64];
     snprintf(why, sizeof why, "unexpected message type %u", m->type);
     em__conn_close(c, EM_LOG_WARNING, why);
   }
   em_msg_free(m);
+}
+
+em_pending *em_server_defer(em_server *s, const em_msg *req) {
+  if (!s || !req || req != s->cur_req || s->cur_pending) return NULL;
+  em_pending *p = calloc(1, sizeof *p);
+  if (!p) return NULL;
+  if (!(p->conn = em__conn_ref_get(s->cur_conn))) {
+    free(p);
+    return NULL;
+  }
+  p->hub = s->hub;
+  atomic_fetch_add(&p->hub->refs, 1);
+  p->req = (em_msg *)req;
+  p->req_id = req->req_id;
+  p->t_recv = s->cur_t_recv;
+  p->t_defer = em_now_ns();
+  p->held = (int64_t)req->frame_bytes;
+  em__conn_defer_add(s->cur_conn, 1, p->held);
+  atomic_fetch_add(&p->hub->outstanding, 1);
+  s->cur_pending = p;
+  return p;
+}
+
+const em_msg *em_pending_request(const em_pending *p) { return p ? p->req : NULL; }
+
+int em_pending_alive(const em_pending *p) {
+  if (!p || em__forked_since(p->hub->fork_gen)) return 0;
+  return !atomic_load(&p->hub->closed) && atomic_load(&p->conn->open);
+}
+
+/* Hand p (answered or dropped: req freed) to the loop thread, or free it
+ * when the hub has closed. EM_OK or ECLOSED. Any thread. */
+static int em__pending_queue(em_pending *p, bool is_error) {
+  em__hub *h = p->hub;
+  int rc = EM_ECLOSED;
+  p->next = NULL;
+  pthread_mutex_lock(&h->mu);
+  if (!atomic_load(&h->closed)) {
+    rc = EM_OK;
+    bool was_empty = !h->head;
+    if (h->tail) h->tail->next = p;
+    else h->head = p;
+    h->tail = p;
+    if (is_error) atomic_fetch_add(&h->n_errors, 1); /* before the peer can see it */
+    /* a non-empty queue has a wake on its way already; l is alive while
+     * the hub is open (it closes at the listener's stop, under mu) */
+    if (was_empty) em__listener_wake(h->l);
+  }
+  pthread_mutex_unlock(&h->mu);
+  if (rc) em__pending_free(p);
+  return rc;
+}
+
+/* Build the reply frame into p->frame (a copy: the payload's arrays are
+ * not read after this). */
+static int em__pending_build(em_pending *p, int type, em_payload *reply, uint64_t t3) {
+  em__hub *h = p->hub;
+  size_t cap = em__payload_iov_cap(reply);
+  struct iovec iov_small[9];
+  struct iovec *iov = cap > 9 ? malloc(cap * sizeof *iov) : iov_small;
+  if (!iov) return EM_ENOMEM;
+  uint64_t frame_len = 0;
+  uint64_t ts[4] = {0 /* send time, set by the loop */, p->t_recv, p->t_defer, t3};
+  int n = em__payload_frame(reply, (uint8_t)type, 0, p->req_id, ts, iov, &frame_len);
+  int rc = n < 0 ? n : EM_OK;
+  em_buf *b = NULL;
+  if (!rc && frame_len > h->max_message_bytes) rc = EM_ETOOBIG;
+  if (!rc && !(b = em__buf_alloc(h->pool, frame_len))) rc = EM_ENOMEM;
+  if (!rc) {
+    uint8_t *d = em_buf_data(b);
+    for (int i = 0; i < n; i++) {
+      memcpy(d, iov[i].iov_base, iov[i].iov_len);
+      d += iov[i].iov_len;
+    }
+    p->frame = b;
+    p->frame_len = frame_len;
+  }
+  if (iov != iov_small) free(iov);
+  return rc;
+}
+
+int em_pending_reply(em_pending *p, int type, em_payload *reply) {
+  uint64_t t3 = em_now_ns();
+  if (!p) {
+    if (reply) em_payload_reset(reply);
+    return EM_EINVAL;
+  }
+  em__hub *h = p->hub;
+  if (em__forked_since(h->fork_gen)) return EM_EFORKED; /* the parent's memory: touch nothing */
+  atomic_fetch_sub(&h->outstanding, 1);
+  int rc;
+  if (!reply || (type != EM_MSG_REPLY && type != EM_MSG_ERROR)) rc = EM_EINVAL;
+  else if (atomic_load(&h->closed)) rc = EM_ECLOSED;
+  else if (!atomic_load(&p->conn->open)) rc = EM_ECONNCLOSED;
+  else rc = em__pending_build(p, type, reply, t3);
+  if (reply) em_payload_reset(reply); /* the caller's again (its release runs) */
+  em_msg_free(p->req); /* after the build: the reply may borrow its arrays */
+  p->req = NULL;
+  if (rc && p->frame) { /* not sent: nothing is */
+    em_buf_release(p->frame);
+    p->frame = NULL;
+  }
+  /* even a failed reply goes to the loop, which gives the connection its
+   * share of the pipelining back */
+  int qrc = em__pending_queue(p, rc == EM_OK && type == EM_MSG_ERROR);
+  return rc ? rc : qrc;
+}
+
+void em_pending_drop(em_pending *p) {
+  if (!p || em__forked_since(p->hub->fork_gen)) return;
+  atomic_fetch_sub(&p->hub->outstanding, 1);
+  em_msg_free(p->req);
+  p->req = NULL;
+  em__pending_queue(p, false);
 }
 
 static int em__on_tick(void *ud) {
@@ -379,10 +621,22 @@ int em_server_open(em_server **out, const em_server_opts *opts) {
   s->fork_gen = em__fork_gen();
   pthread_mutex_init(&s->pub_mu, NULL);
   em_pool *pool = em__pool_new(256u << 20);
+  em__hub *hub = pool ? calloc(1, sizeof *hub) : NULL;
+  if (hub) {
+    atomic_init(&hub->refs, 1);
+    pthread_mutex_init(&hub->mu, NULL);
+    hub->pool = pool;
+    em__pool_retain(pool);
+    hub->max_message_bytes = s->max_message_bytes;
+    hub->fork_gen = s->fork_gen;
+  }
   s->handshake_timeout_ns = opts->handshake_timeout_ns ? opts->handshake_timeout_ns : 10000000000ull;
   s->progress_timeout_ns = opts->progress_timeout_ns ? opts->progress_timeout_ns : 30000000000ull;
   s->last_sweep = em_mono_ns();
   if (opts->token && opts->token[0] && !(s->token = strdup(opts->token))) {
+    if (hub) em__hub_release(hub);
+    if (pool) em__pool_release(pool);
+    pthread_mutex_destroy(&s->pub_mu);
     free(s->service);
     free(s->hello_info);
     em_payload_destroy(&s->reply);
@@ -395,15 +649,21 @@ int em_server_open(em_server **out, const em_server_opts *opts) {
   uint64_t tick_ns = opts->tick && opts->tick_ns ? EM__MIN(opts->tick_ns, sweep_ns) : sweep_ns;
   em__listener_cbs cbs = {.ud = s, .on_frame = em__on_frame, .on_tick = em__on_tick,
                           .tick_ns = EM__MAX(tick_ns, 1000000ull), .on_wake = em__on_wake, .log = opts->log,
-                          .log_ud = opts->log_ud, .max_pending_bytes = opts->max_pending_bytes};
-  int rc = pool ? EM_OK : EM_ENOMEM;
+                          .log_ud = opts->log_ud, .max_pending_bytes = opts->max_pending_bytes,
+                          .on_stop = em__on_stop};
+  s->hub = hub;
+  int rc = pool && hub ? EM_OK : EM_ENOMEM;
   if (!rc) {
     rc = em__listener_open(&s->l, opts->host ? opts->host : "0.0.0.0", opts->port, pool,
                            s->max_message_bytes, &cbs);
-    if (rc) em__pool_release(pool);
-    else s->pool = pool;
+    if (!rc) {
+      s->pool = pool;
+      hub->l = s->l;
+    }
   }
   if (rc) {
+    if (hub) em__hub_release(hub);
+    if (pool) em__pool_release(pool);
     pthread_mutex_destroy(&s->pub_mu);
     em_payload_destroy(&s->reply);
     free(s->service);
@@ -452,6 +712,8 @@ void em_server_get_stats(const em_server *s, em_server_stats *st) {
   st->errors_sent = atomic_load(&((em_server *)s)->n_errors);
   st->auth_failures = atomic_load(&((em_server *)s)->n_auth_failures);
   st->stalled_closed = atomic_load(&((em_server *)s)->n_stalled);
+  st->errors_sent += atomic_load(&s->hub->n_errors);
+  st->deferred = atomic_load(&s->hub->outstanding);
   st->subscribers = em__listener_subscribers(s->l);
   st->publish_sends = atomic_load(&((em_server *)s)->n_pub_sends);
   pthread_mutex_lock(&((em_server *)s)->pub_mu);
@@ -471,7 +733,14 @@ void em_server_close(em_server *s) {
     struct timespec ts = {0, 200000};
     nanosleep(&ts, NULL);
   }
-  em__listener_close(s->l);
+  em__listener_close(s->l); /* closes the hub (on_stop) if run never did */
+  em_pending *left = em__hub_take(s->hub, true);
+  while (left) { /* none: the hub closed at the loop's stop, with every connection */
+    em_pending *n = left->next;
+    em__pending_free(left);
+    left = n;
+  }
+  em__hub_release(s->hub); /* pendings still held keep it until their reply or drop */
   if (s->pub_buf) em_buf_release(s->pub_buf);
   if (s->pool) em__pool_release(s->pool);
   pthread_mutex_destroy(&s->pub_mu);
