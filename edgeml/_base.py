@@ -202,6 +202,19 @@ class ServerBase:
         must be changed in place) before calling ``_dispatch``; None for none."""
         return None
 
+    def _deferred_routes(self) -> Optional[dict]:
+        """A dict method -> fn(pending, payload) the C server looks up (live)
+        before the routes: fn queues the request and its ``_core.Pending``
+        is answered later, from any thread (batching workers). None: none."""
+        return None
+
+    def _on_start(self) -> None:
+        """Called once the server is bound, before it serves."""
+
+    def _on_stop(self, timeout: Optional[float]) -> None:
+        """Called when the server stops, before its loop ends (workers
+        answer what they hold), and again after (idempotent)."""
+
     def _gate(self) -> Any:
         """The role's request rules in C (a _core.Gate: csrc/proto/gate.c),
         checked before a request is decoded, or None."""
@@ -268,7 +281,8 @@ class ServerBase:
                 self._core = self._bind(self._requested_port, lambda: _core.Server(
                     self._host, self._requested_port, self._service, self._dispatch, _format_error,
                     _log_from_core, hello, self._max_message_bytes, self._routes(), self._token,
-                    self._handshake_timeout, self._max_pending_bytes, self._progress_timeout, self._gate()))
+                    self._handshake_timeout, self._max_pending_bytes, self._progress_timeout, self._gate(),
+                    self._deferred_routes()))
             except BaseException:
                 if bcast is not None:
                     bcast.close()
@@ -286,6 +300,12 @@ class ServerBase:
                 t.start()
             self._state = "running"
             _running_servers.add(self)
+            try:
+                self._on_start()
+            except BaseException:
+                self._state = "running"  # stop() below frees the ports
+                self.stop()
+                raise
         if threaded:
             t = threading.Thread(target=self._serve, args=(False,), daemon=True,
                                  name=f"edgeml-{type(self).__name__}-{self.port}")
@@ -319,6 +339,7 @@ class ServerBase:
             self._error = e
             raise
         finally:
+            self._on_stop(None)
             self._stop_broadcaster(None)
             with self._lock:
                 self._state = "stopped"
@@ -362,6 +383,7 @@ class ServerBase:
         core = self._core
         if core is None or self._state != "running":
             return
+        self._on_stop(timeout)
         finished = core.stop(_check_timeout(timeout))
         if core.on_loop_thread():
             return  # from a handler: the serving thread stops the rest after it

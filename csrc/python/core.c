@@ -1,6 +1,7 @@
 /* core.c: the edgeml._core module: Client and Server over libedgeml.
  * Private; the public classes live in edgeml/ (inference.py, ...). */
 #include "em_py.h"
+#include "em_device.h"
 
 #include <structmember.h>
 
@@ -419,6 +420,7 @@ typedef struct {
   em_server *s;
   PyObject *dispatch;      /* fn(method, payload) -> reply payload */
   PyObject *routes;        /* dict method -> fn(payload), tried before dispatch, or NULL */
+  PyObject *deferred;      /* dict method -> fn(pending, payload): queued, answered later; or NULL */
   PyObject *gate;          /* a _core.Gate (the role's request rules, checked in C before decoding), or NULL */
   PyObject *format_error;  /* fn(exc) -> dict for the ERROR reply */
   PyObject *log;           /* fn(level, msg) */
@@ -474,16 +476,10 @@ static void em__server_leave(em__pyserver *s) {
   }
 }
 
-static int em__pack_exception(em__pyserver *s, em_payload *reply) {
-  /* called with an exception set; packs the error map built in Python */
-  PyObject *t, *v, *tb;
-  PyErr_Fetch(&t, &v, &tb);
-  PyErr_NormalizeException(&t, &v, &tb);
-  if (tb && v) PyException_SetTraceback(v, tb);
+/* Pack the error map of exception `v` (format_error(v), built in Python)
+ * as the whole reply. Returns EM_MSG_ERROR. GIL held. */
+static int em__pack_exc_value(em__pyserver *s, PyObject *v, em_payload *reply) {
   PyObject *info = PyObject_CallOneArg(s->format_error, v ? v : Py_None);
-  Py_XDECREF(t);
-  Py_XDECREF(v);
-  Py_XDECREF(tb);
   em_payload_reset(reply);
   em_py_keep k = {0};
   if (!info || em_py_encode(reply, &k, info, "error") != 0) {
@@ -495,6 +491,129 @@ static int em__pack_exception(em__pyserver *s, em_payload *reply) {
   Py_XDECREF(info);
   return EM_MSG_ERROR;
 }
+
+static int em__pack_exception(em__pyserver *s, em_payload *reply) {
+  /* called with an exception set; packs its error map */
+  PyObject *t, *v, *tb;
+  PyErr_Fetch(&t, &v, &tb);
+  PyErr_NormalizeException(&t, &v, &tb);
+  if (tb && v) PyException_SetTraceback(v, tb);
+  int r = em__pack_exc_value(s, v, reply);
+  Py_XDECREF(t);
+  Py_XDECREF(v);
+  Py_XDECREF(tb);
+  return r;
+}
+
+/* ------------------------------------------------------------ Pending
+ * A request whose reply comes later (edgeml.batching's workers): wraps an
+ * em_pending; reply()/error() send the answer from any thread. */
+typedef struct {
+  PyObject_HEAD
+  em_pending *p;     /* NULL once answered or dropped */
+  em__pyserver *srv; /* owned reference: format_error */
+} em__pypending;
+
+static PyTypeObject em__pending_type;
+
+/* Send `type` + `pl` for the pending (GIL released while it is handed to
+ * the loop); p->p is NULL afterwards. Returns the core's code. */
+static int em__pending_send(em__pypending *p, int type, em_payload *pl) {
+  em_pending *pp = p->p;
+  p->p = NULL;
+  int rc;
+  Py_BEGIN_ALLOW_THREADS
+  rc = em_pending_reply(pp, type, pl);
+  Py_END_ALLOW_THREADS
+  return rc;
+}
+
+/* reply(value) -> bool: encode value and send it (an encode failure sends
+ * the caller that EncodeError instead); False when the caller has gone or
+ * the server stopped. */
+static PyObject *em__pending_reply(PyObject *self, PyObject *value) {
+  em__pypending *p = (em__pypending *)self;
+  if (!p->p) return em_py_raise(EM_EINVAL, "this request was already answered");
+  em_payload *pl = em_payload_new();
+  if (!pl) return PyErr_NoMemory();
+  em_py_keep keep = {0};
+  int type = EM_MSG_REPLY;
+  if (em_py_encode(pl, &keep, value, "reply") != 0) {
+    em_py_keep_release(&keep);
+    type = em__pack_exception(p->srv, pl);
+  }
+  int rc = em__pending_send(p, type, pl); /* the frame is copied: views may go */
+  em_py_keep_release(&keep);
+  PyMem_Free(keep.views);
+  em_payload_free(pl);
+  return PyBool_FromLong(rc == EM_OK);
+}
+
+/* error(exc) -> bool: send exc to the caller as an ERROR reply. */
+static PyObject *em__pending_error(PyObject *self, PyObject *exc) {
+  em__pypending *p = (em__pypending *)self;
+  if (!p->p) return em_py_raise(EM_EINVAL, "this request was already answered");
+  em_payload *pl = em_payload_new();
+  if (!pl) return PyErr_NoMemory();
+  em__pack_exc_value(p->srv, exc, pl);
+  int rc = em__pending_send(p, EM_MSG_ERROR, pl);
+  em_payload_free(pl);
+  return PyBool_FromLong(rc == EM_OK);
+}
+
+/* drop(): forget it without an answer (its caller has gone). */
+static PyObject *em__pending_drop(PyObject *self, PyObject *unused) {
+  em__pypending *p = (em__pypending *)self;
+  if (p->p) {
+    em_pending_drop(p->p);
+    p->p = NULL;
+  }
+  Py_RETURN_NONE;
+}
+
+static PyObject *em__pending_alive(PyObject *self, void *closure) {
+  em__pypending *p = (em__pypending *)self;
+  return PyBool_FromLong(p->p && em_pending_alive(p->p));
+}
+
+static void em__pending_dealloc(PyObject *self) {
+  em__pypending *p = (em__pypending *)self;
+  if (p->p) { /* never answered: tell the caller rather than let it wait for its timeout */
+    em_payload *pl = em_payload_new();
+    if (pl) {
+      em_payload_begin_error(pl, "RuntimeError", "the server dropped this request: nothing answered it", NULL, 0);
+      em__pending_send(p, EM_MSG_ERROR, pl);
+      em_payload_free(pl);
+    } else {
+      em_pending_drop(p->p);
+      p->p = NULL;
+    }
+  }
+  Py_XDECREF((PyObject *)p->srv);
+  Py_TYPE(self)->tp_free(self);
+}
+
+static PyMethodDef em__pending_methods[] = {
+    {"reply", em__pending_reply, METH_O, "reply(value) -> bool: send the reply (False: the caller has gone)"},
+    {"error", em__pending_error, METH_O, "error(exc) -> bool: send exc as the caller's error"},
+    {"drop", em__pending_drop, METH_NOARGS, "forget the request without an answer"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef em__pending_getset[] = {
+    {"alive", em__pending_alive, NULL, "True while the caller's connection is open and no answer was sent", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject em__pending_type = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "edgeml._core.Pending",
+    .tp_basicsize = sizeof(em__pypending),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A request answered later, from any thread (reply, error).",
+    .tp_dealloc = em__pending_dealloc,
+    .tp_methods = em__pending_methods,
+    .tp_getset = em__pending_getset,
+};
 
 static int em__handler(void *ud, const em_msg *req, em_payload *reply) {
   em__pyserver *s = ud;
@@ -510,6 +629,50 @@ static int em__handler(void *ud, const em_msg *req, em_payload *reply) {
   }
   PyObject *payload = em_py_decode(req, &method);
   if (!payload) {
+    type = em__pack_exception(s, reply);
+    goto out;
+  }
+  PyObject *dfn = s->deferred ? PyDict_GetItemWithError(s->deferred, method) : NULL;
+  em_pending *pend = dfn ? em_server_defer(s->s, req) : NULL;
+  if (pend) { /* queued: dfn(pending, payload) hands it to the workers, which answer it */
+    em__pypending *pp = PyObject_New(em__pypending, &em__pending_type);
+    if (!pp) {
+      em_pending_drop(pend);
+      Py_DECREF(payload);
+      Py_DECREF(method);
+      type = em__pack_exception(s, reply);
+      goto out;
+    }
+    pp->p = pend;
+    Py_INCREF(s);
+    pp->srv = s;
+    Py_INCREF(dfn);
+    PyObject *r = PyObject_CallFunctionObjArgs(dfn, (PyObject *)pp, payload, NULL);
+    Py_DECREF(dfn);
+    if (!r && pp->p) { /* the queue refused it: the caller gets the error */
+      PyObject *t, *v, *tb;
+      PyErr_Fetch(&t, &v, &tb);
+      PyErr_NormalizeException(&t, &v, &tb);
+      if (tb && v) PyException_SetTraceback(v, tb);
+      PyObject *ok = em__pending_error((PyObject *)pp, v ? v : Py_None);
+      Py_XDECREF(ok);
+      PyErr_Clear();
+      Py_XDECREF(t);
+      Py_XDECREF(v);
+      Py_XDECREF(tb);
+    }
+    PyErr_Clear();
+    Py_XDECREF(r);
+    Py_DECREF(pp);
+    Py_DECREF(payload);
+    Py_DECREF(method);
+    type = EM_MSG_DEFER;
+    goto out;
+  }
+  if (dfn) { /* no memory for the pending */
+    Py_DECREF(payload);
+    Py_DECREF(method);
+    PyErr_NoMemory();
     type = em__pack_exception(s, reply);
     goto out;
   }
@@ -600,7 +763,7 @@ static int em__server_init(PyObject *self, PyObject *args, PyObject *kw) {
   em__pyserver *s = (em__pyserver *)self;
   static char *kwlist[] = {"host", "port", "service", "dispatch", "format_error", "log",
                            "hello_info", "max_message_bytes", "routes", "token", "handshake_timeout",
-                           "max_pending_bytes", "progress_timeout", "gate", NULL};
+                           "max_pending_bytes", "progress_timeout", "gate", "deferred", NULL};
   const char *host, *service;
   int port;
   PyObject *dispatch, *format_error, *log;
@@ -609,15 +772,23 @@ static int em__server_init(PyObject *self, PyObject *args, PyObject *kw) {
   PyObject *routes = NULL;
   const char *token = NULL;
   double handshake_timeout = 0, progress_timeout = 0;
-  PyObject *gate = NULL;
+  PyObject *gate = NULL, *deferred = NULL;
   if (s->s) {
     PyErr_SetString(PyExc_RuntimeError, "Server.__init__ called twice");
     return -1;
   }
-  if (!PyArg_ParseTupleAndKeywords(args, kw, "sisOOO|y*KOzdKdO", kwlist, &host, &port, &service, &dispatch,
+  if (!PyArg_ParseTupleAndKeywords(args, kw, "sisOOO|y*KOzdKdOO", kwlist, &host, &port, &service, &dispatch,
                                    &format_error, &log, &info, &max_bytes, &routes, &token, &handshake_timeout,
-                                   &max_pending, &progress_timeout, &gate))
+                                   &max_pending, &progress_timeout, &gate, &deferred))
     return -1;
+  if (deferred == Py_None) deferred = NULL;
+  if (deferred && !PyDict_CheckExact(deferred)) {
+    PyBuffer_Release(&info);
+    PyErr_SetString(PyExc_TypeError, "deferred must be a dict or None");
+    return -1;
+  }
+  Py_XINCREF(deferred);
+  Py_XSETREF(s->deferred, deferred);
   if (gate == Py_None) gate = NULL;
   if (gate && !em_py_gate_get(gate)) {
     PyBuffer_Release(&info);
@@ -820,6 +991,7 @@ static void em__server_dealloc(PyObject *self) {
   Py_XDECREF(s->dispatch);
   Py_XDECREF(s->routes);
   Py_XDECREF(s->gate);
+  Py_XDECREF(s->deferred);
   Py_XDECREF(s->format_error);
   Py_XDECREF(s->log);
   Py_XDECREF(s->pending);
@@ -1051,7 +1223,8 @@ static struct PyModuleDef em__module = {PyModuleDef_HEAD_INIT, "edgeml._core", "
 
 PyMODINIT_FUNC PyInit__core(void) {
   if (PyType_Ready(&em__client_type) < 0 || PyType_Ready(&em__server_type) < 0 ||
-      PyType_Ready(&em_py_framebuf_type) < 0 || PyType_Ready(&em__sub_type) < 0 || PyType_Ready(&em_py_gate_type) < 0)
+      PyType_Ready(&em_py_framebuf_type) < 0 || PyType_Ready(&em__sub_type) < 0 || PyType_Ready(&em_py_gate_type) < 0 ||
+      PyType_Ready(&em__pending_type) < 0)
     return NULL;
   PyObject *m = PyModule_Create(&em__module);
   if (!m) return NULL;
@@ -1065,6 +1238,12 @@ PyMODINIT_FUNC PyInit__core(void) {
   PyModule_AddObject(m, "FrameBuffer", (PyObject *)&em_py_framebuf_type);
   Py_INCREF(&em_py_gate_type);
   PyModule_AddObject(m, "Gate", (PyObject *)&em_py_gate_type);
+  Py_INCREF(&em__pending_type);
+  PyModule_AddObject(m, "Pending", (PyObject *)&em__pending_type);
+  if (em_py_device_register(m) < 0 || em_py_cuda_register(m) < 0) {
+    Py_DECREF(m);
+    return NULL;
+  }
   PyModule_AddIntConstant(m, "PROTOCOL_VERSION", EM_PROTOCOL_VERSION);
   PyModule_AddIntConstant(m, "MSG_REQUEST", EM_MSG_REQUEST);
   PyModule_AddIntConstant(m, "MSG_REPLY", EM_MSG_REPLY);

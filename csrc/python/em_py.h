@@ -57,6 +57,10 @@ extern PyTypeObject em_py_framebuf_type;
 /* edgeml._core.Gate (gate.c); em_py_gate_get: its em_gate, or NULL when o
  * is not a Gate. */
 extern PyTypeObject em_py_gate_type;
+
+/* Cuda, CudaStream, PinnedBuffer, DeviceBuffer and cuda_device_count
+ * (cuda.c) added to the module. 0, or -1 with an exception. */
+int em_py_cuda_register(PyObject *module);
 em_gate *em_py_gate_get(PyObject *o);
 
 #endif
