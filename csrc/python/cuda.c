@@ -89,7 +89,7 @@ static PyObject *em__cuda_info(PyObject *self, PyObject *unused) {
   em_cuda_device_info i;
   memset(&i, 0, sizeof i);
   em_cuda_info(c->c, &i);
-  return Py_BuildValue("{sisisisis(ii)sissK}", "device", i.device, "device_count", i.device_count,
+  return Py_BuildValue("{sisisisis(ii)sisssK}", "device", i.device, "device_count", i.device_count,
                        "runtime_version", i.runtime_version, "driver_version", i.driver_version,
                        "compute_capability", i.cc_major, i.cc_minor, "multiprocessors", i.multiprocessors,
                        "library", i.library, "pinned_bytes", (unsigned long long)c->pinned_bytes);
