@@ -208,6 +208,10 @@ class ServerBase:
         is answered later, from any thread (batching workers). None: none."""
         return None
 
+    def _recv_pool(self) -> Any:
+        """A _core.Cuda whose pinned pool receives the requests, or None."""
+        return None
+
     def _on_start(self) -> None:
         """Called once the server is bound, before it serves."""
 
@@ -282,7 +286,7 @@ class ServerBase:
                     self._host, self._requested_port, self._service, self._dispatch, _format_error,
                     _log_from_core, hello, self._max_message_bytes, self._routes(), self._token,
                     self._handshake_timeout, self._max_pending_bytes, self._progress_timeout, self._gate(),
-                    self._deferred_routes()))
+                    self._deferred_routes(), self._recv_pool()))
             except BaseException:
                 if bcast is not None:
                     bcast.close()

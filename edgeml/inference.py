@@ -117,6 +117,10 @@ class InferenceServer(ServerBase):
     def _deferred_routes(self) -> Optional[dict]:
         return self._deferred
 
+    def _recv_pool(self) -> Any:
+        # a GPU server receives requests into its device's pinned pool
+        return getattr(self._device, "_cuda", None)
+
     def _on_start(self) -> None:
         if self._deferred:
             self._pool.start()

@@ -70,13 +70,14 @@ SCRIPT = textwrap.dedent(r'''
     [t.start() for t in ts]
     [t.join(60) for t in ts]
     st = s.stats()
+    pool = s._device._cuda.pool_stats()
     s.stop()
     res = {"errors": errs, "seen": seen, "device": st["device"], "batching": st["batching"]["m"],
            "ok": all(out[i]["y"].tolist() == [3.0 * i] * 4 and out[i]["rows"] == i for i in out) and len(out) == 8,
            "h2d_copies": stat("h2d_copies") - h2d0, "d2h_copies": stat("d2h_copies"),
            "pageable_copies": stat("pageable_copies"), "pinned_allocs": stat("pinned_allocs"),
            "pinned_allocs_after_start": stat("pinned_allocs") - pinned0, "bad_pointers": stat("bad_pointers"),
-           "live_device_allocs": stat("live_device_allocs")}
+           "live_device_allocs": stat("live_device_allocs"), "pool": pool}
     print("RESULT " + json.dumps(res))
 ''')
 
@@ -109,6 +110,9 @@ def test_batches_run_on_the_device_with_one_copy_each_way(fake):
     assert res["pageable_copies"] == 0  # every copy from or to pinned memory
     assert res["pinned_allocs"] == 1 and res["pinned_allocs_after_start"] == 0  # the pool, made once
     assert res["bad_pointers"] == 0 and res["live_device_allocs"] == 0  # everything freed
+    # the requests were received into the pinned pool, and the batches assembled in it
+    pool = res["pool"]
+    assert pool["pinned_allocs"] >= 8 + b["batches"] and pool["fallback_allocs"] == 0, pool
 
 
 def test_cuda_without_a_device_is_a_clear_error(fake):

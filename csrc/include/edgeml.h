@@ -616,6 +616,11 @@ typedef struct em_server_opts {
   uint64_t max_message_bytes;  /* 0 = default 1 GiB */
   em_handler_fn handler;       /* NULL: a broadcast-only server (REQUEST is
                                   answered with an ERROR) */
+  struct em_pool *recv_pool;   /* received frames are allocated from this
+                                  pool (retained by the server), e.g. a
+                                  pinned pool (em_cuda_pinned_pool) so that
+                                  a GPU server's requests land in page-locked
+                                  memory; NULL = the server's own pool */
   int handler_checks_body;     /* 1: the handler reads every request body
                                   with a checking reader (em_reader, or
                                   em_msg_value/em_msg_request) and returns

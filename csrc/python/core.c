@@ -420,6 +420,7 @@ typedef struct {
   em_server *s;
   PyObject *dispatch;      /* fn(method, payload) -> reply payload */
   PyObject *routes;        /* dict method -> fn(payload), tried before dispatch, or NULL */
+  PyObject *recv_cuda;     /* a _core.Cuda whose pinned pool receives requests, or NULL */
   PyObject *deferred;      /* dict method -> fn(pending, payload): queued, answered later; or NULL */
   PyObject *gate;          /* a _core.Gate (the role's request rules, checked in C before decoding), or NULL */
   PyObject *format_error;  /* fn(exc) -> dict for the ERROR reply */
@@ -763,7 +764,7 @@ static int em__server_init(PyObject *self, PyObject *args, PyObject *kw) {
   em__pyserver *s = (em__pyserver *)self;
   static char *kwlist[] = {"host", "port", "service", "dispatch", "format_error", "log",
                            "hello_info", "max_message_bytes", "routes", "token", "handshake_timeout",
-                           "max_pending_bytes", "progress_timeout", "gate", "deferred", NULL};
+                           "max_pending_bytes", "progress_timeout", "gate", "deferred", "recv_pool", NULL};
   const char *host, *service;
   int port;
   PyObject *dispatch, *format_error, *log;
@@ -772,15 +773,23 @@ static int em__server_init(PyObject *self, PyObject *args, PyObject *kw) {
   PyObject *routes = NULL;
   const char *token = NULL;
   double handshake_timeout = 0, progress_timeout = 0;
-  PyObject *gate = NULL, *deferred = NULL;
+  PyObject *gate = NULL, *deferred = NULL, *recv = NULL;
   if (s->s) {
     PyErr_SetString(PyExc_RuntimeError, "Server.__init__ called twice");
     return -1;
   }
-  if (!PyArg_ParseTupleAndKeywords(args, kw, "sisOOO|y*KOzdKdOO", kwlist, &host, &port, &service, &dispatch,
+  if (!PyArg_ParseTupleAndKeywords(args, kw, "sisOOO|y*KOzdKdOOO", kwlist, &host, &port, &service, &dispatch,
                                    &format_error, &log, &info, &max_bytes, &routes, &token, &handshake_timeout,
-                                   &max_pending, &progress_timeout, &gate, &deferred))
+                                   &max_pending, &progress_timeout, &gate, &deferred, &recv))
     return -1;
+  if (recv == Py_None) recv = NULL;
+  if (recv && !em_py_cuda_pool(recv)) {
+    PyBuffer_Release(&info);
+    PyErr_SetString(PyExc_TypeError, "recv_pool must be a _core.Cuda or None");
+    return -1;
+  }
+  Py_XINCREF(recv);
+  Py_XSETREF(s->recv_cuda, recv);
   if (deferred == Py_None) deferred = NULL;
   if (deferred && !PyDict_CheckExact(deferred)) {
     PyBuffer_Release(&info);
@@ -826,6 +835,7 @@ static int em__server_init(PyObject *self, PyObject *args, PyObject *kw) {
   o.max_message_bytes = max_bytes;
   o.token = token;
   o.max_pending_bytes = max_pending;
+  o.recv_pool = recv ? em_py_cuda_pool(recv) : NULL;
   if (em__server_timeout(handshake_timeout, "handshake_timeout", &o.handshake_timeout_ns) ||
       em__server_timeout(progress_timeout, "progress_timeout", &o.progress_timeout_ns)) {
     PyBuffer_Release(&info);
@@ -992,6 +1002,7 @@ static void em__server_dealloc(PyObject *self) {
   Py_XDECREF(s->routes);
   Py_XDECREF(s->gate);
   Py_XDECREF(s->deferred);
+  Py_XDECREF(s->recv_cuda);
   Py_XDECREF(s->format_error);
   Py_XDECREF(s->log);
   Py_XDECREF(s->pending);

@@ -368,6 +368,10 @@ static PyMethodDef em__cuda_module_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+em_pool *em_py_cuda_pool(PyObject *o) {
+  return o && PyObject_TypeCheck(o, &em__cuda_type) ? ((em__pycuda *)o)->pinned : NULL;
+}
+
 int em_py_cuda_register(PyObject *m) {
   PyTypeObject *types[] = {&em__cuda_type, &em__stream_type, &em__pinned_type, &em__devbuf_type};
   const char *names[] = {"Cuda", "CudaStream", "PinnedBuffer", "DeviceBuffer"};

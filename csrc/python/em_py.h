@@ -61,6 +61,8 @@ extern PyTypeObject em_py_gate_type;
 /* Cuda, CudaStream, PinnedBuffer, DeviceBuffer and cuda_device_count
  * (cuda.c) added to the module. 0, or -1 with an exception. */
 int em_py_cuda_register(PyObject *module);
+/* The pinned pool of a _core.Cuda, or NULL when o is not one. */
+em_pool *em_py_cuda_pool(PyObject *o);
 em_gate *em_py_gate_get(PyObject *o);
 
 #endif

@@ -654,8 +654,10 @@ int em_server_open(em_server **out, const em_server_opts *opts) {
   s->hub = hub;
   int rc = pool && hub ? EM_OK : EM_ENOMEM;
   if (!rc) {
-    rc = em__listener_open(&s->l, opts->host ? opts->host : "0.0.0.0", opts->port, pool,
-                           s->max_message_bytes, &cbs);
+    /* received frames from the caller's pool when given (a pinned pool:
+     * em_cuda_pinned_pool), replies and broadcasts from the server's */
+    rc = em__listener_open(&s->l, opts->host ? opts->host : "0.0.0.0", opts->port,
+                           opts->recv_pool ? opts->recv_pool : pool, s->max_message_bytes, &cbs);
     if (!rc) {
       s->pool = pool;
       hub->l = s->l;
