@@ -16,7 +16,7 @@ product per layer instead of B matrix-vector products). BLAS runs on one
 thread (OMP_NUM_THREADS=1) so that the comparison is of the serving, not
 of how many cores BLAS finds.
 
-  bench/batching.py [--seconds S] [--clients 1,4,16] [--batch B] [--delay-ms D] [--json PATH]
+  bench/batching.py [--seconds S] [--clients 1,4,16] [--batch B (16)] [--delay-ms D (2)] [--json PATH]
 """
 import argparse
 import json
@@ -114,7 +114,7 @@ def main():
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--clients", default="1,4,16")
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--delay-ms", type=float, default=0.0)
+    ap.add_argument("--delay-ms", type=float, default=2.0)
     ap.add_argument("--json", metavar="PATH")
     a = ap.parse_args()
     rows = []

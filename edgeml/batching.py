@@ -9,7 +9,8 @@ order, stack those whose payloads have the same form (``signature``) along
 a new leading axis, run the interface's function once, split its result
 and answer each caller. Triton's dynamic batcher is the model: a batch
 runs as soon as ``max_batch_size`` requests are queued or the oldest has
-waited ``max_delay_ms``.
+waited ``max_delay_ms``; and also as soon as as many are queued as the
+previous batch held, so that a lone client never waits for company.
 
 Payload forms that batch:
   - an array: stacked to shape ``(B, *shape)``;
@@ -139,16 +140,25 @@ class Batcher:
         self.max_delay_s = max_delay_s
         self.queue: Deque[_Item] = collections.deque()
         self.stats = _Stats()
+        self.last_batch = 1  # size of the previous batch
 
     def ready_at(self) -> float:
-        """When the head of the queue may run (now if a full batch waits)."""
-        if len(self.queue) >= self.max_batch_size:
+        """When the head of the queue may run: now if a full batch waits,
+        or as many requests as the previous batch held (the load of the
+        moment: a lone client never waits for others that do not come),
+        else once the oldest has waited max_delay."""
+        if len(self.queue) >= min(self.max_batch_size, self.last_batch):
             return 0.0
         return self.queue[0].t + self.max_delay_s
 
     def take(self) -> List[_Item]:
         """The next batch: the oldest request and the queued ones of its
         signature, in order, up to max_batch_size."""
+        batch = self._take()
+        self.last_batch = len(batch)
+        return batch
+
+    def _take(self) -> List[_Item]:
         head = self.queue.popleft()
         batch = [head]
         if head.sig is None or self.max_batch_size == 1:
