@@ -291,6 +291,10 @@ typedef struct em_reader {
 EM_API void em_reader_init(em_reader *r, const em_msg *m);
 /* The next value: EM_OK, or EM_EDECODE (malformed, or nothing is left). */
 EM_API int em_read(em_reader *r, em_value *out);
+/* em_read that also fills *arr when the value is an EM_T_NDARRAY (the
+ * array header is parsed once, for the check and for the caller; *arr is
+ * untouched for other values). */
+EM_API int em_read_array(em_reader *r, em_value *out, em_array *arr);
 /* Skip the next value and everything inside it: EM_OK or EM_EDECODE. */
 EM_API int em_read_skip(em_reader *r);
 /* EM_OK when the whole body has been read and nothing follows it, else

@@ -620,6 +620,7 @@ typedef struct {
   const em_msg *m;
   PyObject *bufobj; /* FrameBuffer, made on the first array */
   em_reader r;
+  em_array arr; /* the last array read */
 } em__dec;
 
 typedef struct {
@@ -774,8 +775,8 @@ static PyObject *em__make_array_fast(PyObject *buf, Py_ssize_t off, int slot, Py
 }
 
 static PyObject *em__dec_array(em__dec *d, const em_value *v) {
-  em_array a;
-  if (em_value_ndarray(v, &a) != EM_OK) return em__dec_fail("malformed array");
+  const em_array *ap = &d->arr; /* parsed (and checked) by em_read_array, once */
+  (void)v;
   if (!d->bufobj) {
     em__framebuf *f = PyObject_New(em__framebuf, &em_py_framebuf_type);
     if (!f) return NULL;
@@ -783,28 +784,28 @@ static PyObject *em__dec_array(em__dec *d, const em_value *v) {
     f->len = (Py_ssize_t)d->m->frame_bytes;
     d->bufobj = (PyObject *)f;
   }
-  Py_ssize_t off = (Py_ssize_t)((const uint8_t *)a.data - em_buf_data(d->m->buf));
-  int slot = em__dtype_find(a.dtype);
+  Py_ssize_t off = (Py_ssize_t)((const uint8_t *)ap->data - em_buf_data(d->m->buf));
+  int slot = em__dtype_find(ap->dtype);
   PyObject *r = NULL;
   if (slot >= 0 && em_py.ndarray_type) {
     em__np_ready();
-    if ((r = em__make_array_np(d->bufobj, &a, off, slot))) return r;
+    if ((r = em__make_array_np(d->bufobj, ap, off, slot))) return r;
     PyErr_Clear(); /* the general path says what is wrong, as it would have */
   }
-  PyObject *shape = PyTuple_New(a.ndim);
+  PyObject *shape = PyTuple_New(ap->ndim);
   if (!shape) return NULL;
-  for (uint32_t i = 0; i < a.ndim; i++) {
-    PyObject *n = PyLong_FromUnsignedLongLong(a.shape[i]);
+  for (uint32_t i = 0; i < ap->ndim; i++) {
+    PyObject *n = PyLong_FromUnsignedLongLong(ap->shape[i]);
     if (!n) {
       Py_DECREF(shape);
       return NULL;
     }
     PyTuple_SET_ITEM(shape, i, n);
   }
-  r = em__make_array_fast(d->bufobj, off, slot, shape, a.is_scalar);
+  r = em__make_array_fast(d->bufobj, off, slot, shape, ap->is_scalar);
   if (!r && !PyErr_Occurred()) { /* dtype not seen yet: numpy parses it */
-    r = PyObject_CallFunction(em_py.make_array, "OnsOi", d->bufobj, off, a.dtype, shape, a.is_scalar);
-    if (r && !a.is_scalar) em__dtype_remember(a.dtype, r);
+    r = PyObject_CallFunction(em_py.make_array, "OnsOi", d->bufobj, off, ap->dtype, shape, ap->is_scalar);
+    if (r && !ap->is_scalar) em__dtype_remember(ap->dtype, r);
   }
   Py_DECREF(shape);
   if (!r && PyErr_ExceptionMatches(PyExc_ValueError)) /* numpy refused the shape or dtype */
@@ -842,7 +843,7 @@ static PyObject *em__dec_str(const char *p, uint32_t n) {
  * bytes (one pass: the reader checks each token as it goes). */
 static PyObject *em__dec_next(em__dec *d) {
   em_value v;
-  if (em_read(&d->r, &v) != EM_OK) return em__dec_fail(em_reader_why(&d->r));
+  if (em_read_array(&d->r, &v, &d->arr) != EM_OK) return em__dec_fail(em_reader_why(&d->r));
   switch (v.type) {
     case EM_T_NIL: Py_RETURN_NONE;
     case EM_T_BOOL: return PyBool_FromLong(v.as.b);

@@ -44,7 +44,7 @@ static int em__peek_tag(const uint8_t *p, const uint8_t *end, size_t *len) {
  * Advances *pp past the token's own bytes (a container's header, a str's
  * bytes). EM_OK or EM_EDECODE with *why. */
 static int em__tok(const em_msg *m, const uint8_t **pp, const uint8_t *end, em_value *v, uint64_t *elems,
-                   uint64_t *cost, const char **why) {
+                   uint64_t *cost, const char **why, em_array *arr) {
   const uint8_t *p = *pp;
   if (p >= end) {
     *why = em__why_trunc;
@@ -216,8 +216,8 @@ static int em__tok(const em_msg *m, const uint8_t **pp, const uint8_t *end, em_v
       v->ext_type = (int8_t)ext;
       v->as.bin = p;
       if (ext == EM_EXT_ARRAY) {
-        em_array a;
-        int rc = em__array_parse(m, p, (size_t)len, &a, why);
+        em_array local;
+        int rc = em__array_parse(m, p, (size_t)len, arr ? arr : &local, why);
         if (rc) return rc;
         v->type = EM_T_NDARRAY;
         *cost += EM__COST_ARRAY;
@@ -248,7 +248,7 @@ static const uint8_t *em__skip(const em_msg *m, const uint8_t *p, const uint8_t 
   while (pending) {
     em_value v;
     uint64_t elems, cost;
-    if (em__tok(m, &p, end, &v, &elems, &cost, &why)) return NULL;
+    if (em__tok(m, &p, end, &v, &elems, &cost, &why, NULL)) return NULL;
     pending = pending - 1 + elems;
   }
   return p;
@@ -266,7 +266,9 @@ void em_reader_init(em_reader *r, const em_msg *m) {
   if (m->body_len == 0) r->_why = "empty body";
 }
 
-int em_read(em_reader *r, em_value *out) {
+int em_read(em_reader *r, em_value *out) { return em_read_array(r, out, NULL); }
+
+int em_read_array(em_reader *r, em_value *out, em_array *arr) {
   if (r->_why) return EM_EDECODE;
   while (r->_depth > 0 && r->_left[r->_depth] == 0) r->_depth--;
   if (r->_left[r->_depth] == 0) {
@@ -276,7 +278,7 @@ int em_read(em_reader *r, em_value *out) {
   r->_left[r->_depth]--;
   uint64_t elems, cost;
   const char *why = NULL;
-  if (em__tok(r->_msg, &r->_p, r->_end, out, &elems, &cost, &why)) {
+  if (em__tok(r->_msg, &r->_p, r->_end, out, &elems, &cost, &why, arr)) {
     r->_why = why ? why : em__why_trunc;
     return EM_EDECODE;
   }
@@ -332,7 +334,7 @@ int em_msg_value(const em_msg *m, em_value *out) {
   if (em__body_check(m, &why) != EM_OK) return EM_EDECODE;
   const uint8_t *p = m->body;
   uint64_t elems, cost;
-  return em__tok(m, &p, m->body + m->body_len, out, &elems, &cost, &why);
+  return em__tok(m, &p, m->body + m->body_len, out, &elems, &cost, &why, NULL);
 }
 
 void em_iter_init(em_iter *it, const em_value *c) {
@@ -352,7 +354,7 @@ int em_iter_next(em_iter *it, em_value *out) {
   const uint8_t *p = it->_p;
   uint64_t elems, cost;
   const char *why;
-  if (em__tok(it->_msg, &p, it->_end, out, &elems, &cost, &why)) goto bad;
+  if (em__tok(it->_msg, &p, it->_end, out, &elems, &cost, &why, NULL)) goto bad;
   /* the next element starts past this one's elements */
   const uint8_t *next = p;
   for (uint64_t i = 0; i < elems && next; i++) next = em__skip(it->_msg, next, it->_end);
