@@ -105,7 +105,7 @@ def find_deps():
 
 here = os.path.dirname(os.path.abspath(__file__))
 sources = []
-for layer in ("base", "wire", "net", "timing", "rpc", "proto", "cuda", "python"):
+for layer in ("base", "wire", "net", "timing", "rpc", "proto", "cuda", "batch", "python"):
     sources += sorted(glob.glob(os.path.join("csrc", layer, "*.c")))
 
 cflags, libs = find_deps()
