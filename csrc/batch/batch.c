@@ -122,8 +122,17 @@ static const char *em__pytype(const em_value *v) {
     case EM_T_MAP: return "dict";
     case EM_T_NDARRAY: {
       em_array a;
-      if (em_value_ndarray(v, &a) == EM_OK && a.is_scalar) return "numpy scalar";
-      return "ndarray";
+      if (em_value_ndarray(v, &a) != EM_OK || !a.is_scalar) return "ndarray";
+      /* numpy's scalar type names, as Python's message says them */
+      static const char *const names[][2] = {
+          {"f2", "float16"}, {"f4", "float32"},   {"f8", "float64"}, {"i1", "int8"},     {"i2", "int16"},
+          {"i4", "int32"},   {"i8", "int64"},     {"u1", "uint8"},   {"u2", "uint16"},   {"u4", "uint32"},
+          {"u8", "uint64"},  {"b1", "bool"},      {"c8", "complex64"}, {"c16", "complex128"}};
+      const char *d = a.dtype[0] == '<' || a.dtype[0] == '>' || a.dtype[0] == '|' || a.dtype[0] == '=' ? a.dtype + 1
+                                                                                                      : a.dtype;
+      for (size_t k = 0; k < sizeof names / sizeof names[0]; k++)
+        if (strcmp(d, names[k][0]) == 0) return names[k][1];
+      return "numpy scalar";
     }
     default: return em_type_name(v->type);
   }

@@ -467,7 +467,7 @@ static void test_errors(void) {
       {1, "edgeml.InvalidArgumentError: interface 'errs' is batched (max_batch_size=4): its payload must be an "
           "array or a dict (of arrays and values), not list"},
       {2, "edgeml.InvalidArgumentError: interface 'errs' is batched (max_batch_size=4): its payload must be an "
-          "array or a dict (of arrays and values), not numpy scalar"},
+          "array or a dict (of arrays and values), not float32"},
       {3, "edgeml.InvalidArgumentError: interface 'errs' is batched (max_batch_size=4): its dict keys must be str, "
           "not int"},
       {4, "edgeml.InvalidArgumentError: interface 'errs' is batched (max_batch_size=4): its dict has the key 'a' "
