@@ -21,7 +21,7 @@ def built():  # noqa: D401 - builds once per module
     return BUILD
 
 
-@pytest.mark.parametrize("name", ["test_wire", "test_rpc", "test_timing", "test_value", "test_roles", "test_defer", "test_cuda"])
+@pytest.mark.parametrize("name", ["test_wire", "test_rpc", "test_timing", "test_value", "test_roles", "test_defer", "test_cuda", "test_batch"])
 def test_c_unit(built, name):
     r = subprocess.run([os.path.join(built, "tests", name)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -56,4 +56,4 @@ def test_c_unit_under_sanitizers(san):
                        capture_output=True, text=True, timeout=600,
                        env={**os.environ, "TSAN_OPTIONS": "halt_on_error=1", "ASAN_OPTIONS": "detect_leaks=1"})
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
-    assert r.stdout.count(" 0 failed") == 7
+    assert r.stdout.count(" 0 failed") == 8
