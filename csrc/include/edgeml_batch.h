@@ -76,9 +76,9 @@ typedef int (*em_batch_fn)(void *ud, const em_batch *b, em_payload *out);
  * its buffers from batch to batch (one per stacked key, sized for
  * max_batch_size rows the first time, grown when a larger form comes) and
  * frees them when it ends (em_batcher_stop), so alloc is rare: a GPU
- * server may give page-locked memory, e.g. em_cuda_host_alloc /
- * em_cuda_host_free on its em_cuda (copies to the device from it are
- * asynchronous; see docs/batching.md "From C"). */
+ * server may give page-locked memory: hooks that wrap em_cuda_host_alloc
+ * / em_cuda_host_free of its em_cuda (alloc_ud = the em_cuda; copies to
+ * the device from it are asynchronous; docs/batching.md "From C"). */
 typedef void *(*em_batch_alloc_fn)(void *ud, size_t bytes);
 typedef void (*em_batch_free_fn)(void *ud, void *ptr);
 
