@@ -54,7 +54,11 @@ export ASAN_OPTIONS="$ASAN_OPTIONS:log_path=$PWD/sanitizer-report"
 export EDGEML_TEST_TIMEOUT_MULTIPLIER=${EDGEML_TEST_TIMEOUT_MULTIPLIER:-3}
 # cwd first on sys.path (python -m): this tree's edgeml, not the editable install
 [ $# -gt 0 ] || set -- tests
-"$PY" -m pytest -q -p no:cacheprovider --ignore=tests/test_c.py --ignore=tests/test_fuzz.py "$@"
+# the tests of C programs build and run their own ASan variants in the main
+# suite already (test_c, test_fuzz, the C roles, the CUDA layer, the C batcher)
+"$PY" -m pytest -q -p no:cacheprovider --ignore=tests/test_c.py --ignore=tests/test_fuzz.py \
+  --ignore=tests/test_c_roles_edge.py --ignore=tests/test_c_roles_trainer.py --ignore=tests/test_cuda_layer.py \
+  --ignore=tests/test_c_batch.py "$@"
 rc=$?
 for f in "$PWD"/sanitizer-report.*; do
   [ -e "$f" ] || continue
