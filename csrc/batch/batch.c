@@ -645,6 +645,7 @@ static void *em__worker_main(void *arg) {
       uint64_t at = (b->state != EM__B_RUNNING || b->count >= b->max_batch) ? 0 : b->head->t + b->max_delay_ns;
       if (at <= now) {
         uint32_t n = em__take(b, w->items);
+        if (b->head) pthread_cond_signal(&b->cv); /* more is queued: another worker may take it */
         pthread_mutex_unlock(&b->mu);
         em__run_batch(w, n);
         pthread_mutex_lock(&b->mu);
