@@ -786,5 +786,7 @@ EM_API void em_sub_close(em_sub *s);
 #include "edgeml_roles.h"
 /* The CUDA layer (the runtime found at run time). */
 #include "edgeml_cuda.h"
+/* The dynamic batcher on deferred replies. */
+#include "edgeml_batch.h"
 
 #endif /* EDGEML_H */
