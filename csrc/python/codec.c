@@ -903,6 +903,10 @@ static PyObject *em__dec_next(em__dec *d) {
 }
 
 PyObject *em_py_decode(const em_msg *m, PyObject **request_method) {
+  return em_py_decode_ex(m, request_method, NULL);
+}
+
+PyObject *em_py_decode_ex(const em_msg *m, PyObject **request_method, int *malformed) {
   em__dec d;
   d.m = m;
   d.bufobj = NULL;
@@ -931,6 +935,7 @@ PyObject *em_py_decode(const em_msg *m, PyObject **request_method) {
     em__dec_fail(em_reader_why(&d.r));
   }
   if (!r && request_method) Py_CLEAR(*request_method);
+  if (malformed) *malformed = !r && em_reader_why(&d.r) != NULL; /* the bytes, not what they decode to */
   Py_XDECREF(d.bufobj);
   return r;
 }

@@ -628,7 +628,13 @@ static int em__handler(void *ud, const em_msg *req, em_payload *reply) {
     type = EM_MSG_ERROR;
     goto out;
   }
-  PyObject *payload = em_py_decode(req, &method);
+  int malformed = 0;
+  PyObject *payload = em_py_decode_ex(req, &method, &malformed);
+  if (!payload && malformed) { /* one pass: the server did not check the body first (handler_checks_body) */
+    PyErr_Clear();
+    type = EM_EDECODE;
+    goto out;
+  }
   if (!payload) {
     type = em__pack_exception(s, reply);
     goto out;
@@ -842,6 +848,7 @@ static int em__server_init(PyObject *self, PyObject *args, PyObject *kw) {
     return -1;
   }
   o.handler = dispatch == Py_None ? NULL : em__handler; /* None: broadcast only */
+  o.handler_checks_body = 1; /* em__handler decodes with the checking reader: one pass */
   o.handler_ud = s;
   o.tick = em__tick;
   o.tick_ud = s;

@@ -48,6 +48,11 @@ int em_py_encode(em_payload *p, em_py_keep *keep, PyObject *obj, const char *roo
  * *request_method receives the method str and the payload is returned.
  * NULL + DecodeError on a bad body. GIL held. */
 PyObject *em_py_decode(const em_msg *m, PyObject **request_method);
+/* The same; on failure *malformed (may be NULL) is 1 when the body itself
+ * is malformed (the reader refused it: the server closes such a
+ * connection), 0 when it is well-formed but cannot become Python objects
+ * (numpy refused an array, an unhashable key: an error reply). */
+PyObject *em_py_decode_ex(const em_msg *m, PyObject **request_method, int *malformed);
 
 /* Raise the exception mapped to an em code with a message. Returns NULL. */
 PyObject *em_py_raise(int code, const char *fmt, ...);
