@@ -59,6 +59,8 @@ def test_requests_of_many_clients_run_as_one_batch_and_each_gets_its_row(served)
     sizes = []
 
     def model(batch):
+        if not sizes:
+            time.sleep(0.2)  # the first batch runs alone (nothing queued yet): the others queue meanwhile
         sizes.append(batch["x"].shape[0])
         assert batch["x"].shape[1:] == (4,) and batch["x"].dtype == np.float32
         return {"y": batch["x"] * 2, "sum": batch["x"].sum(axis=1), "tag": "v1", "ids": batch["id"]}

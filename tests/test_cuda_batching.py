@@ -22,7 +22,7 @@ _spec.loader.exec_module(fake_build)
 pytestmark = pytest.mark.timeout(120)
 
 SCRIPT = textwrap.dedent(r'''
-    import ctypes, json, os, threading
+    import ctypes, json, os, threading, time
     import numpy as np
     import edgeml
     from edgeml import _core
@@ -43,6 +43,8 @@ SCRIPT = textwrap.dedent(r'''
 
     seen = []
     def model(batch):
+        if not seen:
+            time.sleep(0.2)  # the first batch runs alone (nothing queued yet): the others queue meanwhile
         x = batch["x"]
         cai = x.__cuda_array_interface__
         seen.append([type(x).__name__, list(cai["shape"]), cai["typestr"], list(x.device), batch["bias"]])
@@ -59,11 +61,13 @@ SCRIPT = textwrap.dedent(r'''
     s.start(threaded=True)
     h2d0, pinned0 = stat("h2d_copies"), stat("pinned_allocs")
     out, errs = {}, []
+    clients = [edgeml.InferenceClient("127.0.0.1", s.port, timeout=30) for _ in range(8)]
+    go = threading.Barrier(8)
     def call(i):
         try:
-            c = edgeml.InferenceClient("127.0.0.1", s.port, timeout=30)
-            out[i] = c.call("m", {"x": np.full(4, i, np.float32), "bias": i})
-            c.close()
+            go.wait()
+            out[i] = clients[i].call("m", {"x": np.full(4, i, np.float32), "bias": i})
+            clients[i].close()
         except BaseException as e:
             errs.append(repr(e))
     ts = [threading.Thread(target=call, args=(i,)) for i in range(8)]
