@@ -1,5 +1,7 @@
-/* sock.c: client-side sockets: dial with a deadline, write and read whole
- * frames with poll(), so a blocked call can always time out. */
+/* sock.c: client-side sockets: dial with a deadline (poll), write whole
+ * frames without blocking (MSG_DONTWAIT, poll when the buffer is full) and
+ * read them with a blocking recv bounded by SO_RCVTIMEO, so a blocked call
+ * can always time out. */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
 #endif
@@ -74,6 +76,10 @@ int em__dial(const char *host, uint16_t port, uint64_t deadline_ns, int *fd_out)
       }
     }
     if (r == 0) {
+      /* connected: reads block (with SO_RCVTIMEO, see em__read_frame),
+       * writes stay non-blocking (MSG_DONTWAIT) */
+      int fl = fcntl(fd, F_GETFL);
+      if (fl >= 0) fcntl(fd, F_SETFL, fl & ~O_NONBLOCK);
       freeaddrinfo(res);
       *fd_out = fd;
       return EM_OK;
@@ -96,7 +102,7 @@ int em__writev_all(int fd, struct iovec *iov, int n, uint64_t deadline_ns) {
     memset(&mh, 0, sizeof mh);
     mh.msg_iov = iov + i;
     mh.msg_iovlen = (size_t)EM__MIN(n - i, 1024);
-    ssize_t w = sendmsg(fd, &mh, MSG_NOSIGNAL);
+    ssize_t w = sendmsg(fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
     if (w < 0) {
       if (errno == EINTR) continue;
       if (errno == EAGAIN || errno == EWOULDBLOCK) {
@@ -120,43 +126,53 @@ int em__writev_all(int fd, struct iovec *iov, int n, uint64_t deadline_ns) {
   return EM_OK;
 }
 
+/* The receive timeout a blocking recv should have now: the poll slice, or
+ * what is left before the deadline (rounded up to 1 ms, so that a call
+ * loop with one timeout sets it once); 0 when the deadline has passed. */
+static uint32_t em__rcvtimeo_us(uint64_t deadline_ns) {
+  if (deadline_ns == EM_FOREVER) return EM__POLL_SLICE_MS * 1000u;
+  uint64_t now = em_mono_ns();
+  if (now >= deadline_ns) return 0;
+  uint64_t ms = (deadline_ns - now + 999999) / 1000000;
+  return (uint32_t)(ms > EM__POLL_SLICE_MS ? EM__POLL_SLICE_MS : ms) * 1000u;
+}
+
 int em__read_frame(int fd, em__reader *r, uint64_t deadline_ns, em_msg **out, const char **why) {
-  /* A reply is rarely in the socket the moment we start reading for it, and
-   * a recv that came back short has emptied the socket: in both cases poll
-   * first rather than paying for a recv that fails with EAGAIN. */
-  bool expect_empty = !em__reader_mid_frame(r);
+  /* The socket blocks on reads: a recv sleeps until the reply is there (one
+   * system call, no poll with a timer armed per call), bounded by
+   * SO_RCVTIMEO, which is the poll slice or what is left of the deadline,
+   * set only when it changes (r->rcvtimeo_us). At the end of a slice the
+   * call returns EM_EINTR so that callers check for signals. */
   for (;;) {
     int rc = em__reader_next(r, out, why);
     if (rc != 0) return rc;
     uint8_t *p;
     size_t n;
     em__reader_region(r, &p, &n);
-    if (expect_empty) {
-      rc = em__wait_fd(fd, POLLIN, deadline_ns);
-      if (rc) {
-        *why = rc == EM_ETIMEDOUT ? "timed out" : rc == EM_EINTR ? "interrupted" : "poll failed";
-        return rc;
-      }
-      expect_empty = false;
+    uint32_t us = em__rcvtimeo_us(deadline_ns);
+    int flags = 0;
+    if (us == 0) {
+      flags = MSG_DONTWAIT; /* the deadline has passed: only what is already there */
+    } else if (us != r->rcvtimeo_us) {
+      struct timeval tv = {.tv_sec = us / 1000000u, .tv_usec = us % 1000000u};
+      if (setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv) == 0) r->rcvtimeo_us = us;
     }
-    ssize_t got = recv(fd, p, n, 0);
+    ssize_t got = recv(fd, p, n, flags);
     if (got > 0) {
       em__reader_commit(r, (size_t)got);
-      expect_empty = (size_t)got < n;
       continue;
     }
     if (got == 0) {
       *why = "connection closed by the server";
       return EM_ECONNCLOSED;
     }
-    if (errno == EINTR) continue;
-    if (errno == EAGAIN || errno == EWOULDBLOCK) {
-      rc = em__wait_fd(fd, POLLIN, deadline_ns);
-      if (rc) {
-        *why = rc == EM_ETIMEDOUT ? "timed out" : rc == EM_EINTR ? "interrupted" : "poll failed";
-        return rc;
+    if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) {
+      if (deadline_ns != EM_FOREVER && em_mono_ns() >= deadline_ns) {
+        *why = "timed out";
+        return EM_ETIMEDOUT;
       }
-      continue;
+      *why = "interrupted";
+      return EM_EINTR; /* a signal or the end of a slice: the caller checks and calls again */
     }
     *why = "connection reset";
     return errno == ECONNRESET ? EM_ECONNCLOSED : EM_EIO;

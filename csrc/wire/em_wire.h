@@ -116,6 +116,7 @@ typedef struct em__reader {
   em__hdr cur_hdr;
   bool big; /* the last frame was large: read the next header alone */
   em__budget *budget; /* NULL = none; set by the owner after init */
+  uint32_t rcvtimeo_us; /* the SO_RCVTIMEO last set on the client socket it reads (sock.c) */
   uint64_t charged;   /* bytes of cur counted in budget */
 } em__reader;
 

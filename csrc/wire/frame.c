@@ -129,6 +129,7 @@ void em__reader_reset(em__reader *r) {
   r->cur_have = 0;
   r->stage_start = r->stage_end = 0;
   r->big = false;
+  r->rcvtimeo_us = 0; /* a new socket: its receive timeout is set at the first read */
 }
 
 void em__reader_destroy(em__reader *r) {
