@@ -30,6 +30,15 @@ def served():
         s.stop()
 
 
+def wait_until(cond, what):
+    """Poll cond() until it holds (a state of the server, not a duration)."""
+    deadline = time.monotonic() + scaled(20)
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting until {what}")
+        time.sleep(0.005)
+
+
 def clients(port, n):
     return [edgeml.InferenceClient("127.0.0.1", port, timeout=scaled(20)) for _ in range(n)]
 
@@ -59,8 +68,8 @@ def test_requests_of_many_clients_run_as_one_batch_and_each_gets_its_row(served)
     sizes = []
 
     def model(batch):
-        if not sizes:
-            time.sleep(0.2)  # the first batch runs alone (nothing queued yet): the others queue meanwhile
+        if not sizes:  # the first request runs alone (a lone request never waits): hold it until the rest queue
+            wait_until(lambda: s.stats()["requests"] == 12, "all 12 requests have arrived")
         sizes.append(batch["x"].shape[0])
         assert batch["x"].shape[1:] == (4,) and batch["x"].dtype == np.float32
         return {"y": batch["x"] * 2, "sum": batch["x"].sum(axis=1), "tag": "v1", "ids": batch["id"]}
@@ -165,8 +174,10 @@ def test_a_payload_that_cannot_batch_and_a_result_that_cannot_split_are_clear_er
 
 def test_a_caller_timeout_holds_while_its_request_is_queued(served):
     gate = threading.Event()
+    running = threading.Event()
 
     def slow(b):
+        running.set()
         gate.wait(scaled(10))
         return b
 
@@ -176,11 +187,10 @@ def test_a_caller_timeout_holds_while_its_request_is_queued(served):
     a, b = clients(s.port, 2)
     t = threading.Thread(target=lambda: a.call("slow", np.zeros(1)))
     t.start()
-    time.sleep(0.2)  # a's batch is running; b's request queues behind it
-    t0 = time.monotonic()
+    assert running.wait(scaled(10))  # a's batch is running; b's request queues behind it
     with pytest.raises(errors.EdgeMLTimeoutError):
         b.call("slow", np.zeros(1), timeout=0.3)
-    assert time.monotonic() - t0 < scaled(5)
+    assert s._pool.queued == 1  # it timed out while queued
     gate.set()
     t.join(scaled(10))
     assert b.call("slow", np.ones(1)).tolist() == [1.0]  # the late reply was dropped; the next is b's own
@@ -228,10 +238,10 @@ def test_stop_answers_what_is_queued(served):
     for t in ts:
         t.start()
     assert started.wait(scaled(10))
-    time.sleep(0.2)
+    wait_until(lambda: s.stats()["requests"] == 3, "the two other requests have arrived")
     stopper = threading.Thread(target=s.stop)
     stopper.start()
-    time.sleep(0.2)
+    wait_until(lambda: s._pool._state == "draining", "stop() is draining the queue")
     release.set()
     stopper.join(scaled(20))
     for t in ts:
@@ -256,29 +266,41 @@ def test_unregister_refuses_what_waits_and_register_while_running(served):
 
 def test_a_client_that_leaves_while_queued_costs_nothing(served):
     gate = threading.Event()
-    ran = []
+    entered = threading.Event()
 
     def model(b):
+        entered.set()
         gate.wait(scaled(10))
-        ran.append(len(b))
         return b
 
     s = served()
-    s.register_interface("m", model, max_batch_size=1 + 1)
+    s.register_interface("m", model, max_batch_size=2)
     s.start(threaded=True)
     a, b = clients(s.port, 2)
     ta = threading.Thread(target=lambda: a.call("m", np.zeros(1)))
     ta.start()
-    time.sleep(0.2)
-    tb = threading.Thread(target=lambda: pytest.raises(Exception, b.call, "m", np.zeros(1)))
+    assert entered.wait(scaled(10))  # a's batch runs (held); b's request queues behind it
+    b_err = []
+
+    def call_b():
+        try:
+            b.call("m", np.zeros(1))
+        except errors.EdgeMLError as e:
+            b_err.append(e)
+
+    tb = threading.Thread(target=call_b)
     tb.start()
-    time.sleep(0.2)
-    b.close()  # its request waits behind a's batch
+    wait_until(lambda: s._pool.queued == 1, "b's request is queued")
+    b.close()  # its caller is gone while it waits
     tb.join(scaled(10))
+    assert len(b_err) == 1 and isinstance(b_err[0], errors.ClosedError)
+    wait_until(lambda: s.stats()["connections_open"] == 1, "the server saw b's connection close")
     gate.set()
     ta.join(scaled(10))
     c = edgeml.InferenceClient("127.0.0.1", s.port, timeout=scaled(10))
     assert c.call("m", np.ones(1)).tolist() == [1.0]
+    st = s.stats()["batching"]["m"]
+    assert st["requests"] == 2 and st["queued"] == 0  # a's and c's: b's request was dropped, not computed
     c.close()
     a.close()
 
