@@ -323,7 +323,8 @@ EM_API int em_gate_put_compat(const em_gate *g, em_payload *p);
  * number of differing fields (0: compatible) and, when there are some,
  * writes "field: client X, server Y; ..." (Python's repr of each side)
  * into buf (cut to cap, NUL-terminated); EM_ENOMEM. A server without a
- * "compat" map is compatible (nothing to compare). Thread-safe. */
+ * "compat" map, or with an empty one, is compatible (nothing to compare).
+ * Thread-safe. */
 EM_API int em_gate_compat_diff(const em_gate *g, const em_value *server_info, char *buf, size_t cap);
 
 /* A message holding a copy of a bare msgpack body (no blobs), e.g. the

@@ -10,9 +10,7 @@
 
 struct em_edge_server {
   em__duo duo;
-  em__strlist obs, act;               /* config order */
-  em__strlist obs_sorted, act_sorted; /* for messages and compat */
-  char *version;
+  const em__strlist *obs, *act; /* the config's keys in its order: the gate's */
   em_edge_obs_fn obs_fn;
   void *obs_ud;
   em_edge_act_fn act_fn;
@@ -55,7 +53,7 @@ static int em__edge_handle(void *ud, const em_msg *req, em_payload *reply) {
   if (rc == EM_MSG_ERROR) return rc;
   if (em_value_is(&method, "obs")) {
     if (payload.type == EM_T_NIL) {
-      rc = s->obs_fn(s->obs_ud, (const char *const *)s->obs.v, s->obs.n, reply);
+      rc = s->obs_fn(s->obs_ud, (const char *const *)s->obs->v, s->obs->n, reply);
       rc = em__finish_reply(reply, rc, "observation callback");
     } else {
       const char *small[16];
@@ -65,7 +63,7 @@ static int em__edge_handle(void *ud, const em_msg *req, em_payload *reply) {
       em_iter_init(&it, &payload);
       em_value k;
       size_t n = 0;
-      while (em_iter_next(&it, &k)) keys[n++] = s->obs.v[em__strlist_find(&s->obs, k.as.str, k.len)];
+      while (em_iter_next(&it, &k)) keys[n++] = s->obs->v[em__strlist_find(s->obs, k.as.str, k.len)];
       rc = em__finish_reply(reply, s->obs_fn(s->obs_ud, keys, n, reply), "observation callback");
       if (keys != small) free(keys);
     }
@@ -73,7 +71,7 @@ static int em__edge_handle(void *ud, const em_msg *req, em_payload *reply) {
     em_value key, action;
     em_value_at(&payload, 0, &key);
     em_value_at(&payload, 1, &action);
-    const char *k = s->act.v[em__strlist_find(&s->act, key.as.str, key.len)];
+    const char *k = s->act->v[em__strlist_find(s->act, key.as.str, key.len)];
     rc = em__finish_reply(reply, s->act_fn(s->act_ud, k, &action, reply), "action callback");
   }
   em__reply_keep(reply, req);
@@ -83,11 +81,6 @@ static int em__edge_handle(void *ud, const em_msg *req, em_payload *reply) {
 /* --------------------------------------------------------------- server */
 
 static void em__edge_free(em_edge_server *s) {
-  em__strlist_free(&s->obs);
-  em__strlist_free(&s->act);
-  em__strlist_free(&s->obs_sorted);
-  em__strlist_free(&s->act_sorted);
-  free(s->version);
   em_gate_close(s->gate);
   free(s);
 }
@@ -97,38 +90,6 @@ static void em__say(const em_server_opts *o, const char *fmt, const char *a) {
   snprintf(msg, sizeof msg, fmt, a);
   if (o->log) o->log(o->log_ud, EM_LOG_ERROR, msg);
   else fprintf(stderr, "edgeml: %s\n", msg);
-}
-
-static void em__edge_compat(const em__strlist *act_sorted, const em__strlist *obs_sorted, const char *version,
-                            em__compat_field f[3]) {
-  f[0] = (em__compat_field){"action_keys", EM__CF_STRLIST, NULL, act_sorted};
-  f[1] = (em__compat_field){"observation_keys", EM__CF_STRLIST, NULL, obs_sorted};
-  f[2] = (em__compat_field){"version", EM__CF_STR, version, NULL};
-}
-
-/* Copy and check a config into the lists (sorted copies too). */
-static int em__edge_config_copy(const em_edge_config *c, em__strlist *obs, em__strlist *act, em__strlist *obs_s,
-                                em__strlist *act_s, char **version, const char **why) {
-  memset(obs, 0, sizeof *obs);
-  memset(act, 0, sizeof *act);
-  memset(obs_s, 0, sizeof *obs_s);
-  memset(act_s, 0, sizeof *act_s);
-  *version = NULL;
-  int rc = em__strlist_init(act, c->action_keys, c->n_action_keys, why);
-  if (!rc) rc = em__strlist_init(obs, c->observation_keys, c->n_observation_keys, why);
-  if (!rc) rc = em__strlist_sorted(act_s, act);
-  if (!rc) rc = em__strlist_sorted(obs_s, obs);
-  const char *v = c->version ? c->version : EM__EDGE_DEFAULT_VERSION;
-  if (!rc && !(*version = strdup(v))) rc = EM_ENOMEM;
-  if (rc) {
-    em__strlist_free(obs);
-    em__strlist_free(act);
-    em__strlist_free(obs_s);
-    em__strlist_free(act_s);
-    free(*version);
-    *version = NULL;
-  }
-  return rc;
 }
 
 int em_edge_server_open(em_edge_server **out, const em_edge_server_opts *opts) {
@@ -146,21 +107,18 @@ int em_edge_server_open(em_edge_server **out, const em_edge_server_opts *opts) {
   em_edge_server *s = calloc(1, sizeof *s);
   if (!s) return EM_ENOMEM;
   const char *why = "out of memory";
-  int rc = em__edge_config_copy(c, &s->obs, &s->act, &s->obs_sorted, &s->act_sorted, &s->version, &why);
-  if (rc) {
-    em__say(&opts->server, "EdgeServer config: %s", why);
-    free(s);
-    return rc;
-  }
   s->obs_fn = opts->observation;
   s->obs_ud = opts->observation_ud;
   s->act_fn = opts->action;
   s->act_ud = opts->action_ud;
-  if ((rc = em_gate_open_edge(&s->gate, c, &why))) {
+  int rc = em_gate_open_edge(&s->gate, c, &why); /* the config, checked and copied once */
+  if (rc) {
     em__say(&opts->server, "EdgeServer config: %s", why);
     em__edge_free(s);
     return rc;
   }
+  s->obs = em__gate_keys(s->gate, 1);
+  s->act = em__gate_keys(s->gate, 0);
   em_gate_set_handlers(s->gate, s->obs_fn != NULL, s->act_fn != NULL);
 
   em_server_opts so = opts->server;
@@ -281,13 +239,16 @@ int em_edge_client_open(em_edge_client **out, const char *host, uint16_t port, c
     em__edge_client_free(c);
     return EM_ENOMEM;
   }
-  em__strlist obs_s = {NULL, 0}, act_s = {NULL, 0};
-  char *version = NULL;
+  em_gate *gate = NULL; /* the config, checked once; it compares configs as servers do */
   if (config) {
     const char *why = "out of memory";
-    int rc = em__edge_config_copy(config, &c->obs, &c->act, &obs_s, &act_s, &version, &why);
+    int rc = em_gate_open_edge(&gate, config, &why);
+    const em__strlist *ko = gate ? em__gate_keys(gate, 1) : NULL, *ka = gate ? em__gate_keys(gate, 0) : NULL;
+    if (!rc) rc = em__strlist_init(&c->obs, (const char *const *)ko->v, ko->n, &why);
+    if (!rc) rc = em__strlist_init(&c->act, (const char *const *)ka->v, ka->n, &why);
     if (rc) {
       em__errbuf(opts, why);
+      em_gate_close(gate);
       em__edge_client_free(c);
       return rc;
     }
@@ -300,23 +261,18 @@ int em_edge_client_open(em_edge_client **out, const char *host, uint16_t port, c
   em_value compat = {.type = EM_T_NIL};
   if (!rc && (h.info.type != EM_T_MAP || em_value_get(&h.info, "compat", &compat) != 1))
     compat.type = EM_T_NIL;
-  int nonempty = compat.type != EM_T_NIL && !(compat.type == EM_T_MAP && compat.len == 0);
-  if (!rc && config && nonempty) {
-    em__compat_field f[3];
-    em__edge_compat(&act_s, &obs_s, version, f);
-    em__text diff;
-    em__text_init(&diff);
-    int nd = em__compat_diff(f, 3, &compat, &diff);
+  if (!rc && gate) {
+    char diff[2048];
+    int nd = em_gate_compat_diff(gate, &h.info, diff, sizeof diff);
     if (nd < 0) rc = nd;
     else if (nd > 0) {
       em__text t;
       em__text_init(&t);
-      em__text_printf(&t, "the EdgeServer at %s:%u has another config: %s", host, port, diff.s ? diff.s : "");
+      em__text_printf(&t, "the EdgeServer at %s:%u has another config: %s", host, port, diff);
       em__errbuf(opts, t.s ? t.s : "the EdgeServer has another config");
       em__text_free(&t);
       rc = EM_EHANDSHAKE;
     }
-    em__text_free(&diff);
   }
   if (!rc && !config) {
     rc = em__keys_from(&compat, "observation_keys", &c->obs);
@@ -329,9 +285,7 @@ int em_edge_client_open(em_edge_client **out, const char *host, uint16_t port, c
       c->bport = 0;
   }
   em__hello_free(&h);
-  em__strlist_free(&obs_s);
-  em__strlist_free(&act_s);
-  free(version);
+  em_gate_close(gate);
   if (rc) {
     em__edge_client_free(c);
     return rc;

@@ -125,6 +125,9 @@ int em__info_port(const em_value *info, const char *key, uint16_t *port);
 /* em_gate_check on a request already read: EM_OK (serve it) or
  * EM_MSG_ERROR (reply holds the error). gate.c. */
 int em__gate_check_value(const em_gate *g, const em_value *method, const em_value *payload, em_payload *reply);
+/* An Edge gate's keys in the config's order: 0 action_keys, 1
+ * observation_keys (owned by the gate). */
+const em__strlist *em__gate_keys(const em_gate *g, int which);
 
 /* ------------------------------------------------ role server threads */
 

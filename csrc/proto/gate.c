@@ -101,6 +101,8 @@ int em_gate_open_trainer(em_gate **out, const em_trainer_config *c, const char *
   return EM_OK;
 }
 
+const em__strlist *em__gate_keys(const em_gate *g, int which) { return which ? &g->obs : &g->act; }
+
 void em_gate_set_handlers(em_gate *g, int first, int second) {
   g->has_first = first != 0;
   g->has_second = second != 0;
@@ -111,7 +113,10 @@ int em_gate_put_compat(const em_gate *g, em_payload *p) { return em__put_compat(
 int em_gate_compat_diff(const em_gate *g, const em_value *info, char *buf, size_t cap) {
   em_value theirs;
   if (cap) buf[0] = 0;
-  if (info->type != EM_T_MAP || em_value_get(info, "compat", &theirs) != 1 || theirs.type != EM_T_MAP) return 0;
+  /* nothing to compare (as Python's clients: `if theirs:`) */
+  if (info->type != EM_T_MAP || em_value_get(info, "compat", &theirs) != 1 || theirs.type != EM_T_MAP ||
+      theirs.len == 0)
+    return 0;
   em__text diff;
   em__text_init(&diff);
   int n = em__compat_diff(g->compat, 3, &theirs, &diff);
