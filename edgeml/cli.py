@@ -4,10 +4,15 @@
     edgeml profile client --host H [--port 6379] [--sensor random_image:224x224x3|random_bytes:N|module::object]
                           [--iterations 100] [--warmup 10] [--rate HZ] [--out DIR] [--clocks-synchronized]
                           [--no-plots] [--quiet]
+    edgeml serve [--port 6379] [--host 0.0.0.0] [--model-dir DIR] [--max-sessions 4]
+    edgeml bench --target HOST:PORT --model m.onnx [--dataset digits|images:DIR|module::object] [--out DIR]
+                 [--limit N] [--output NAME] [--input NAME] [--timeout S] [--no-plots] [--quiet]
+    edgeml bench compare A.json B.json [...] [--out DIR] [--names A,B]
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from typing import List, Optional
@@ -48,6 +53,69 @@ def _profile_client(a: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(a: argparse.Namespace) -> int:
+    from . import bench
+    from .bench import runtimes
+    have = runtimes.available()
+    target = bench.Target(a.port, a.host, model_dir=a.model_dir, max_sessions=a.max_sessions,
+                          log=None if a.quiet else (lambda m: print(f"edgeml serve: {m}", flush=True)))
+    target.start(threaded=True)
+    print(f"edgeml serve: benchmark target on {a.host}:{target.port}, runtimes: "
+          f"{', '.join(have.values()) or 'none (pip install onnxruntime)'} (Ctrl-C stops)", flush=True)
+    try:
+        while True:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        target.stop()
+    return 0
+
+
+def _bench(a: argparse.Namespace) -> int:
+    from . import bench
+    try:
+        result = bench.run(a.target, a.model, a.dataset, out=a.out, limit=a.limit, output=a.output,
+                           input_name=a.input, progress=not a.quiet, timeout=a.timeout, plots=not a.no_plots)
+    except bench.BenchError as e:
+        print(f"edgeml bench: {e}", file=sys.stderr)
+        return 1
+    print(result.table())
+    files = result.meta.get("files", {})
+    if files:
+        print("wrote " + ", ".join(files[k] for k in sorted(files)))
+    if result.meta.get("plots_error"):
+        print(f"edgeml bench: no plots: {result.meta['plots_error']}", file=sys.stderr)
+    if result.meta.get("interrupted"):
+        return 130
+    if not result.complete:
+        print(f"edgeml bench: incomplete run: {result.error} (the report holds what was measured)",
+              file=sys.stderr)
+        return 1
+    errs = [s for s in result.samples if "error" in s]
+    if errs:
+        print(f"edgeml bench: {len(errs)} of {len(result.samples)} samples failed; first: {errs[0]['error']}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _bench_compare(a: argparse.Namespace) -> int:
+    from . import bench
+    names = a.names.split(",") if a.names else None
+    if names is not None and len(names) != len(a.runs):
+        raise ValueError(f"--names gives {len(names)} names for {len(a.runs)} runs")
+    for r in a.runs:
+        if not os.path.exists(r):
+            raise ValueError(f"no run {r}: give measurements.json files (or the folders holding them)")
+    cmp = bench.compare(*a.runs, names=names)
+    print(cmp.table())
+    if a.out:
+        paths = cmp.write(a.out, plots=not a.no_plots)
+        print("wrote " + ", ".join(paths[k] for k in sorted(paths)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgeml", description="edgeml command-line tools")
     p.add_argument("--version", action="version", version=f"edgeml {__version__}")
@@ -77,14 +145,57 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(fn=_profile_client)
+
+    sv = sub.add_parser("serve", help="serve as a benchmark target for edgeml bench",
+                        description="Load models the host uploads, run the data it streams, sample this "
+                        "machine's CPU, memory and GPU (see docs/bench.md).")
+    sv.add_argument("--port", type=int, default=6379)
+    sv.add_argument("--host", default="0.0.0.0")
+    sv.add_argument("--model-dir", default=None, help="where uploaded models are written (default: a temporary "
+                    "folder, removed at exit)")
+    sv.add_argument("--max-sessions", type=int, default=4, help="benchmark sessions open at once")
+    sv.add_argument("--quiet", action="store_true", help="no line per session")
+    sv.set_defaults(fn=_serve)
+
+    b = sub.add_parser("bench", help="benchmark a model on an edgeml serve target",
+                       description="Upload a model to a target, stream a dataset, report quality, latency and "
+                       "the target's utilisation (see docs/bench.md). 'edgeml bench compare A.json B.json' "
+                       "puts runs side by side.")
+    b.add_argument("--target", required=True, help="host:port of edgeml serve")
+    b.add_argument("--model", required=True, help="the model file (.onnx, or .tflite where the target has "
+                   "ai-edge-litert)")
+    b.add_argument("--dataset", default="digits", help="digits[:scale=F,shape=HxW], images:DIR[,size=HxW,"
+                   "layout=nchw,dtype=float32,scale=F,mean=a/b/c,std=a/b/c,gray], or module::object")
+    b.add_argument("--out", default="edgeml-bench", help="directory for measurements.json, report.md, "
+                   "report.html, *.png")
+    b.add_argument("--limit", type=int, default=None, help="at most this many samples")
+    b.add_argument("--output", default=None, help="the output holding the prediction (default: the float "
+                   "output with a score per class)")
+    b.add_argument("--input", default=None, help="the input the dataset's samples feed (a model with several)")
+    b.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    b.add_argument("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.set_defaults(fn=_bench)
+
+    bc = sub.add_parser("bench-compare", prog="edgeml bench compare", help="runs of edgeml bench side by side",
+                        description="Put edgeml bench runs side by side, each figure with its ratio to the "
+                        "first run.")
+    bc.add_argument("runs", nargs="+", help="measurements.json files, or the folders holding them")
+    bc.add_argument("--out", default=None, help="also write compare.md, compare.html, compare.png here")
+    bc.add_argument("--names", default=None, help="comma-separated names of the runs (default: their folders)")
+    bc.add_argument("--no-plots", action="store_true")
+    bc.set_defaults(fn=_bench_compare)
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["bench", "compare"]:  # a subcommand of bench, beside bench's own options
+        argv = ["bench-compare"] + argv[2:]
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ValueError, TypeError, RuntimeError, errors.EdgeMLError) as e:
+    except (ValueError, TypeError, RuntimeError, OSError, errors.EdgeMLError) as e:
         print(f"edgeml {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
