@@ -57,7 +57,7 @@ def _serve(a: argparse.Namespace) -> int:
     from . import bench
     from .bench import runtimes
     have = runtimes.available()
-    target = bench.Target(a.port, a.host, model_dir=a.model_dir, max_sessions=a.max_sessions,
+    target = bench.Target(a.port, a.host, model_dir=a.model_dir, max_sessions=a.max_sessions, token=a.token,
                           log=None if a.quiet else (lambda m: print(f"edgeml serve: {m}", flush=True)))
     target.start(threaded=True)
     print(f"edgeml serve: benchmark target on {a.host}:{target.port}, runtimes: "
@@ -76,7 +76,8 @@ def _bench(a: argparse.Namespace) -> int:
     from . import bench
     try:
         result = bench.run(a.target, a.model, a.dataset, out=a.out, limit=a.limit, output=a.output,
-                           input_name=a.input, progress=not a.quiet, timeout=a.timeout, plots=not a.no_plots)
+                           input_name=a.input, progress=not a.quiet, timeout=a.timeout, plots=not a.no_plots,
+                           token=a.token)
     except bench.BenchError as e:
         print(f"edgeml bench: {e}", file=sys.stderr)
         return 1
@@ -154,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--model-dir", default=None, help="where uploaded models are written (default: a temporary "
                     "folder, removed at exit)")
     sv.add_argument("--max-sessions", type=int, default=4, help="benchmark sessions open at once")
+    sv.add_argument("--token", default=os.environ.get("EDGEML_TOKEN"), help="hosts must present this token "
+                    "(default: $EDGEML_TOKEN; docs/security.md)")
     sv.add_argument("--quiet", action="store_true", help="no line per session")
     sv.set_defaults(fn=_serve)
 
@@ -173,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "output with a score per class)")
     b.add_argument("--input", default=None, help="the input the dataset's samples feed (a model with several)")
     b.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    b.add_argument("--token", default=os.environ.get("EDGEML_TOKEN"), help="the target's token (default: "
+                   "$EDGEML_TOKEN)")
     b.add_argument("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(fn=_bench)

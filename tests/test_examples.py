@@ -33,3 +33,14 @@ def test_remote_training_example():
 def test_remote_inference_example():
     out = run_example("examples/remote_inference.py", "--calls", "20")
     assert "20 calls" in out and "as expected: no interface 'face_reg'" in out
+
+
+@pytest.mark.timeout(180)
+def test_bench_digits_example(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("skl2onnx")
+    out = run_example("examples/bench_digits.py", "--out", str(tmp_path), "--limit", "100", timeout=150)
+    assert "== fp32 against int8" in out and "accuracy" in out
+    for name in ("fp32", "int8"):
+        assert os.path.exists(tmp_path / name / "report.html")
+    assert os.path.exists(tmp_path / "compare" / "compare.md")

@@ -85,7 +85,7 @@ def digits(spec: str = "digits", **opts) -> ArrayDataset:
         from sklearn.datasets import load_digits
     except ImportError as e:
         raise RuntimeError("the digits dataset needs scikit-learn: pip install scikit-learn "
-                           "(or pip install 'edgeml[modelbench]')") from e
+                           "(or, in the edgeml checkout, pip install -e \".[modelbench]\")") from e
     _unknown(spec, opts, ("shape", "scale"))
     d = load_digits()
     x = d.data.astype(np.float32)

@@ -128,7 +128,7 @@ def _predict(v: Any, kind: str) -> Tuple[int, Optional[List[int]]]:
 def run(target: Any, model: str, dataset: Any = "digits", out: Optional[str] = None, *,
         limit: Optional[int] = None, output: Optional[str] = None, input_name: Optional[str] = None,
         model_format: Optional[str] = None, progress: bool = True, timeout: float = 60.0,
-        plots: bool = True, stats_every: float = STATS_EVERY_S) -> BenchResult:
+        plots: bool = True, stats_every: float = STATS_EVERY_S, token: Optional[str] = None) -> BenchResult:
     """Benchmark ``model`` (a file) on ``target`` ("host:port" of ``edgeml
     serve``) over ``dataset`` (a spec or a dataset object; docs/bench.md).
 
@@ -138,7 +138,8 @@ def run(target: Any, model: str, dataset: Any = "digits", out: Optional[str] = N
     round trip here) and OUTPUT; fetches the target's statistics as it goes.
     ``output`` names the output holding the prediction (by default the
     float output with a score per class). With ``out`` the report is
-    written there. A target that dies mid-run gives a partial result
+    written there. ``token`` is the target's (``edgeml serve --token``,
+    docs/security.md). A target that dies mid-run gives a partial result
     (``complete`` False, ``error`` why), written all the same.
 
     Raises BenchError when the run cannot start: the model does not load,
@@ -162,7 +163,7 @@ def run(target: Any, model: str, dataset: Any = "digits", out: Optional[str] = N
                             "dataset": dataset if isinstance(dataset, str) else repr(dataset),
                             "classes": len(classes), "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
                             "complete": False, "error": ""}
-    client = InferenceClient(host, port, timeout=timeout)
+    client = InferenceClient(host, port, timeout=timeout, token=token)
     try:
         return _run(client, model, fmt, ds, classes, total, meta, out, output, input_name, progress, plots,
                     stats_every)

@@ -296,12 +296,15 @@ class BenchResult:
         ax.set_xlabel("sample")
         ax.set_ylabel("ms")
         ax.set_title("inference time per sample", fontsize=10)
-        ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
         hx.set_xlabel("ms")
         hx.set_ylabel("samples")
         hx.set_title("inference time histogram", fontsize=10)
-        hx.legend(fontsize=8)
+        for a in (ax, hx):
+            if self.ok_samples:
+                a.legend(fontsize=8)
+            else:
+                a.text(0.5, 0.5, "no sample was measured", ha="center", va="center", transform=a.transAxes)
         fig.tight_layout()
         return fig
 
@@ -320,22 +323,21 @@ class BenchResult:
             ax.plot(t, cpus.mean(axis=1), linewidth=1.8, color="black", label="mean")
         if gpu:
             ax.plot(t, u["gpu_utilization"], linewidth=1.5, color="tab:green", label="GPU")
-        ax.set_ylim(0, 105)
-        ax.set_xlabel("s since the model loaded")
-        ax.set_ylabel("%")
-        ax.set_title("target CPU per core" + (" and GPU" if gpu else ""), fontsize=10)
-        ax.legend(fontsize=7, ncol=2)
-        ax.grid(alpha=0.3)
         if u.get("mem_percent"):
             mx.plot(t, u["mem_percent"], label="machine memory %")
         if gpu:
             mx.plot(t, u["gpu_mem_utilization"], label="GPU memory %")
-        mx.set_ylim(0, 105)
-        mx.set_xlabel("s since the model loaded")
-        mx.set_ylabel("%")
-        mx.set_title("target memory", fontsize=10)
-        mx.legend(fontsize=8)
-        mx.grid(alpha=0.3)
+        for a, title in ((ax, "target CPU per core" + (" and GPU" if gpu else "")), (mx, "target memory")):
+            a.set_ylim(0, 105)
+            a.set_xlabel("s since the model loaded")
+            a.set_ylabel("%")
+            a.set_title(title, fontsize=10)
+            a.grid(alpha=0.3)
+            if ts.size:
+                a.legend(fontsize=7, ncol=2)
+            else:
+                a.text(0.5, 0.5, "no target samples reached the host", ha="center", va="center",
+                       transform=a.transAxes)
         fig.tight_layout()
         return fig
 
