@@ -648,3 +648,60 @@ def test_a_target_with_a_token(models, cleanup):
         bench.run(f"127.0.0.1:{t.port}", models["fp32"], "digits", progress=False, timeout=scaled(5))
     assert bench.run(f"127.0.0.1:{t.port}", models["fp32"], "digits:scale=0.0625", progress=False, limit=5,
                      token="s3cret").complete
+
+
+def test_a_model_of_several_chunks_as_they_are(target, tmp_path):
+    """A 10 MiB ONNX model (a 64 x 40960 float32 initializer) goes as
+    4 MiB chunks; the outputs are the model's."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 40960)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["X", "W"], ["Y"]), helper.make_node("ReduceMax", ["Y"], ["Z"], axes=[1],
+                                                                         keepdims=0)],
+        "big", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, 64])],
+        [helper.make_tensor_value_info("Z", TensorProto.FLOAT, [None])], [numpy_helper.from_array(w, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    path = tmp_path / "big.onnx"
+    onnx.save(model, str(path))
+    size = os.path.getsize(path)
+    assert size > 2 * P.CHUNK_BYTES
+    x = rng.standard_normal((5, 64)).astype(np.float32)
+    result = bench.run(addr(target), str(path), bench.ArrayDataset(x), progress=False, output="Z")
+    assert result.complete and result.meta["model_bytes"] == size and result.meta["prediction_kind"] == "label"
+    assert len(result.ok_samples) == 5 and result.summary()["quality"] == {"total": 0}
+
+
+def test_tflite_through_ai_edge_litert(target, models, tmp_path):
+    """A TFLite model (a logistic regression's weights as one
+    FULLY_CONNECTED layer, written without TensorFlow) runs on the target
+    through ai-edge-litert; its predictions are a local interpreter's."""
+    pytest.importorskip("ai_edge_litert")
+    pytest.importorskip("tflite")
+    from ai_edge_litert.interpreter import Interpreter
+    from sklearn.linear_model import LogisticRegression
+
+    import tflite_model
+    x, y = models["x"], models["y"]
+    clf = LogisticRegression(max_iter=1000).fit(x[::2], y[::2])
+    path = tmp_path / "digits.tflite"
+    path.write_bytes(tflite_model.fully_connected(clf.coef_, clf.intercept_))
+    result = bench.run(addr(target), str(path), "digits:scale=0.0625", progress=False, limit=300)
+    assert result.complete, result.error
+    assert result.meta["runtime"] == "ai-edge-litert" and result.meta["inputs"] == [
+        {"name": "x", "shape": [1, 64], "dtype": "float32"}]
+    it = Interpreter(model_path=str(path))
+    it.allocate_tensors()
+    din, dout = it.get_input_details()[0], it.get_output_details()[0]
+    want = []
+    for row in x[:300]:
+        it.set_tensor(din["index"], row[None])
+        it.invoke()
+        want.append(int(np.argmax(it.get_tensor(dout["index"])[0])))
+    assert [s["prediction"] for s in result.samples] == want
+    assert result.summary()["quality"]["accuracy"] > 0.9
+    bad = tmp_path / "bad.tflite"
+    bad.write_bytes(b"not a flatbuffer" * 10)
+    with pytest.raises(bench.BenchError, match="tflite runtime cannot load 'bad.tflite'"):
+        bench.run(addr(target), str(bad), "digits", progress=False)

@@ -212,7 +212,8 @@ class Target:
         if total > free:
             raise _Refused(f"MODEL: {total} bytes do not fit in {self.model_dir} ({free} bytes free)")
         sid = uuid.uuid4().hex[:12]
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name))[:64] or "model"
+        stem = os.path.splitext(os.path.basename(str(name)))[0]
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in stem)[:64] or "model"
         s = _Session(sid, os.path.join(self.model_dir, f"{sid}-{safe}.{fmt}"), total, fmt, str(name))
         with self._lock:
             self._sessions[sid] = s
