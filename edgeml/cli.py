@@ -8,6 +8,10 @@
     edgeml bench --target HOST:PORT --model m.onnx [--dataset digits|images:DIR|module::object] [--out DIR]
                  [--limit N] [--output NAME] [--input NAME] [--timeout S] [--no-plots] [--quiet]
     edgeml bench compare A.json B.json [...] [--out DIR] [--names A,B]
+    edgeml offload serve --model M [--port 6380] [--host 0.0.0.0] [--threads 1]
+    edgeml offload plan --server HOST:PORT --model M [--input x.npy] [--runs 20] [--interval S] [--out plan.json]
+    edgeml offload run --server HOST:PORT --model M [--input x.npy] [--split auto|all|P] [--iterations 10]
+                       [--interval S] [--runs 20] [--out result.json]
 """
 from __future__ import annotations
 
@@ -117,6 +121,114 @@ def _bench_compare(a: argparse.Namespace) -> int:
     return 0
 
 
+def _offload_input(a: argparse.Namespace, model):
+    import numpy as np
+    if a.input:
+        if not os.path.exists(a.input):
+            raise ValueError(f"no input file {a.input}")
+        x = np.load(a.input, allow_pickle=False)
+        if isinstance(x, np.lib.npyio.NpzFile):
+            x = {k: x[k] for k in x.files}
+            if len(x) == 1:
+                x = next(iter(x.values()))
+        return x
+    specs = getattr(model, "cut_specs", [None])[0]
+    if not specs:
+        raise ValueError("give the model's input with --input x.npy (a torch model does not say its input shape)")
+    rng = np.random.default_rng(0)
+    arrays = {s["name"]: rng.random([d or 1 for d in s["shape"]]).astype(s["dtype"]) for s in specs}
+    return next(iter(arrays.values())) if len(arrays) == 1 else arrays
+
+
+def _offload_serve(a: argparse.Namespace) -> int:
+    from . import offload
+    server = offload.OffloadServer(a.model, a.port, a.host, threads=a.threads, token=a.token).start()
+    m = server.model
+    print(f"edgeml offload serve: {m.source} ({m.n} layers, sha256 {m.sha256[:16]}…) on {a.host}:{server.port} "
+          f"(Ctrl-C stops)", flush=True)
+    try:
+        while True:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    return 0
+
+
+def _offload_client(a: argparse.Namespace):
+    from . import offload
+    log = None if a.quiet else (lambda m: print(f"edgeml offload: {m}", file=sys.stderr, flush=True))
+    return offload.OffloadClient(a.server, a.model, runs=a.runs, interval_s=a.interval, threads=a.threads,
+                                 token=a.token, timeout=a.timeout, log=log)
+
+
+def _write_json(path: Optional[str], obj) -> None:
+    if path:
+        import json
+        d = os.path.dirname(os.path.abspath(path))
+        os.makedirs(d, exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(obj, f, indent=1)
+        print(f"wrote {path}")
+
+
+def _offload_plan(a: argparse.Namespace) -> int:
+    with _offload_client(a) as dev:
+        x = _offload_input(a, dev.model)
+        plan = dev.make_plan(x)
+        print(plan.table())
+        _write_json(a.out, plan.to_json())
+    return 0
+
+
+def _offload_run(a: argparse.Namespace) -> int:
+    from . import offload
+    with _offload_client(a) as dev:
+        x = _offload_input(a, dev.model)
+        plan = dev.make_plan(x)
+        print(plan.table())
+        if a.split == "all" or a.split.startswith("all"):
+            def prog(k, total, r):
+                if not a.quiet:
+                    print(f"edgeml offload: split {r['p']} ({k}/{total}): {r['measured_s'] * 1e3:.2f} ms measured, "
+                          f"{r['predicted_s'] * 1e3:.2f} predicted", file=sys.stderr, flush=True)
+            results = offload.run_splits(dev, x, a.iterations, a.interval, progress=prog)
+            verdict = offload.check(results, plan)
+            print(f"{'p':>3} {'scenario':<12} {'predicted ms':>13} {'measured ms':>12} {'error':>8}")
+            for r in results:
+                mark = (" <- chosen" if r["p"] == plan.split else "") + \
+                       (" <- best measured" if r["p"] == verdict["best_measured"] else "")
+                print(f"{r['p']:>3} {r['scenario']:<12} {r['predicted_s'] * 1e3:>13.2f} {r['measured_s'] * 1e3:>12.2f} "
+                      f"{r['error'] * 100:>7.1f}%{mark}")
+            print(f"worst prediction error {verdict['worst_prediction_error'] * 100:+.1f}% (p={verdict['worst_prediction_p']}); "
+                  f"chosen p={verdict['chosen']} is {verdict.get('chosen_vs_best', 0) * 100:.1f}% slower than the best "
+                  f"measured p={verdict['best_measured']}")
+            _write_json(a.out, {"plan": plan.to_json(), "results": results, "check": verdict})
+            return 0
+        split = None if a.split == "auto" else int(a.split)
+        ref = dev.model.run_full(x)
+        lat = []
+        for i in range(a.iterations):
+            if a.interval > 0:
+                time.sleep(a.interval)
+            y = dev.infer(x, split=split)
+            lat.append(dev.last["total_s"])
+            if i == 0:
+                import numpy as np
+                ys, rs = (y, ref) if not isinstance(y, dict) else (list(y.values()), list(ref.values()))
+                if not all(np.allclose(u, v, rtol=1e-4, atol=1e-5) for u, v in zip(np.atleast_1d(ys), np.atleast_1d(rs))):
+                    print("edgeml offload: the split's outputs differ from the whole model's", file=sys.stderr)
+                    return 1
+        import numpy as np
+        p = dev.last["p"]
+        print(f"split p={p}: {len(lat)} inferences, median {np.median(lat) * 1e3:.2f} ms (predicted "
+              f"{dev.plan.candidates[p].total_s * 1e3:.2f} ms); outputs equal the whole model's; "
+              f"{len(dev.replans)} re-plans")
+        _write_json(a.out, {"plan": dev.plan.to_json(), "latency_s": lat, "replans": dev.replans})
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgeml", description="edgeml command-line tools")
     p.add_argument("--version", action="version", version=f"edgeml {__version__}")
@@ -190,6 +302,38 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--names", default=None, help="comma-separated names of the runs (default: their folders)")
     bc.add_argument("--no-plots", action="store_true")
     bc.set_defaults(fn=_bench_compare)
+
+    off = sub.add_parser("offload", help="split computing: the first layers here, the rest on a server",
+                         description="Profile a model on this device and a server, measure the link, and run "
+                         "it split at the fastest cut (see docs/offload.md).")
+    osub = off.add_subparsers(dest="side", required=True)
+    os_ = osub.add_parser("serve", help="serve the server's part of split inference")
+    os_.add_argument("--model", required=True, help="an .onnx file, or module::object giving an nn.Sequential")
+    os_.add_argument("--port", type=int, default=6380)
+    os_.add_argument("--host", default="0.0.0.0")
+    os_.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads per layer")
+    os_.add_argument("--token", default=os.environ.get("EDGEML_TOKEN"))
+    os_.set_defaults(fn=_offload_serve)
+    for name, fn, hlp in (("plan", _offload_plan, "profile both sides, measure the link, print every split"),
+                          ("run", _offload_run, "run split inference (the plan's split, one given, or all)")):
+        q = osub.add_parser(name, help=hlp)
+        q.add_argument("--server", required=True, help="host:port of edgeml offload serve")
+        q.add_argument("--model", required=True, help="the same model the server holds")
+        q.add_argument("--input", default=None, help="an input as .npy (.npz for several inputs); default: "
+                       "random, of the model's input shape")
+        q.add_argument("--runs", type=int, default=20, help="profile runs per side (their median)")
+        q.add_argument("--interval", type=float, default=0.0, help="idle seconds before each profiled and "
+                       "measured inference (the time between your frames)")
+        q.add_argument("--threads", type=int, default=1)
+        q.add_argument("--timeout", type=float, default=60.0)
+        q.add_argument("--token", default=os.environ.get("EDGEML_TOKEN"))
+        q.add_argument("--out", default=None, help="write the plan (and results) as JSON here")
+        q.add_argument("--quiet", action="store_true")
+        if name == "run":
+            q.add_argument("--split", default="auto", help="auto (the plan's, re-planned as the link changes), "
+                           "all (every split, measured against its prediction), or a split index")
+            q.add_argument("--iterations", type=int, default=10, help="inferences (per split with --split all)")
+        q.set_defaults(fn=fn)
     return p
 
 
