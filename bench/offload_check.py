@@ -78,9 +78,13 @@ def main() -> int:
     ap.add_argument("--quota", type=float, default=0.25, help="the device's share of one CPU")
     ap.add_argument("--period-us", type=int, default=10000, help="the quota's period")
     ap.add_argument("--iterations", type=int, default=15, help="measured inferences per split")
-    ap.add_argument("--runs", type=int, default=20, help="profile runs per side")
+    ap.add_argument("--runs", type=int, default=30, help="profile runs per side")
     ap.add_argument("--interval", type=float, default=0.05, help="idle seconds before each inference")
-    ap.add_argument("--width", type=int, default=192, help="the demo CNN's width (its heavy layers' channels)")
+    ap.add_argument("--width", type=int, default=384, help="the demo CNN's width (its heavy layers' channels)")
+    ap.add_argument("--heavy", type=int, default=6, help="the demo CNN's heavy layers")
+    ap.add_argument("--queue-ms", type=float, default=1000.0, help="tbf's queue, in ms at the link's rate (a "
+                    "short one drops the bursts of a large activation, and a TCP retransmission timeout is "
+                    "no bandwidth a plan can foresee)")
     ap.add_argument("--out", default=None, help="write each rate's JSON and a summary here")
     a = ap.parse_args()
 
@@ -95,7 +99,7 @@ def main() -> int:
         print(f"offload_check: cannot run here: {why}", file=sys.stderr)
         return 2
     work = tempfile.mkdtemp(prefix="edgeml-offload-")
-    model = demo.save_cnn(os.path.join(work, "cnn.onnx"), width=a.width)
+    model = demo.save_cnn(os.path.join(work, "cnn.onnx"), width=a.width, heavy=a.heavy)
     out_dir = a.out or work
     os.makedirs(out_dir, exist_ok=True)
     try:
@@ -103,11 +107,13 @@ def main() -> int:
     except (OSError, RuntimeError) as e:
         print(f"offload_check: cannot make a CPU quota here: {e}", file=sys.stderr)
         return 2
-    summary = {"quota": quota.kind, "model": {"width": a.width, "bytes": os.path.getsize(model)}, "links": {}}
+    summary = {"quota": quota.kind, "model": {"width": a.width, "heavy": a.heavy, "bytes": os.path.getsize(model)},
+               "queue_ms": a.queue_ms, "interval_s": a.interval, "iterations": a.iterations, "runs": a.runs,
+               "links": {}}
     all_ok = True
     try:
         for rate in [float(r) for r in a.rates.split(",")]:
-            ns = ShapedNetns(rate_mbit=rate, tag=f"off{int(rate)}")
+            ns = ShapedNetns(rate_mbit=rate, tag=f"off{int(rate)}", latency_ms=a.queue_ms)
             srv = None
             try:
                 port = 6390

@@ -177,6 +177,8 @@ def _offload_plan(a: argparse.Namespace) -> int:
     with _offload_client(a) as dev:
         x = _offload_input(a, dev.model)
         plan = dev.make_plan(x)
+        print(plan.layers_table())
+        print()
         print(plan.table())
         _write_json(a.out, plan.to_json())
     return 0
@@ -188,7 +190,7 @@ def _offload_run(a: argparse.Namespace) -> int:
         x = _offload_input(a, dev.model)
         plan = dev.make_plan(x)
         print(plan.table())
-        if a.split == "all" or a.split.startswith("all"):
+        if a.split == "all":
             def prog(k, total, r):
                 if not a.quiet:
                     print(f"edgeml offload: split {r['p']} ({k}/{total}): {r['measured_s'] * 1e3:.2f} ms measured, "
@@ -206,6 +208,8 @@ def _offload_run(a: argparse.Namespace) -> int:
                   f"measured p={verdict['best_measured']}")
             _write_json(a.out, {"plan": plan.to_json(), "results": results, "check": verdict})
             return 0
+        if a.split != "auto" and not a.split.isdigit():
+            raise ValueError(f"--split is auto, all, or a split index 0..{dev.model.n}, got {a.split!r}")
         split = None if a.split == "auto" else int(a.split)
         ref = dev.model.run_full(x)
         lat = []

@@ -217,7 +217,7 @@ class ShapedNetns:
 
     SUBNET = "10.203.{n}."
 
-    def __init__(self, rate_mbit: float, tag: Optional[str] = None):
+    def __init__(self, rate_mbit: float, tag: Optional[str] = None, latency_ms: float = 100.0):
         n = os.getpid() % 200 + 20
         tag = tag or str(os.getpid())
         self.name = f"emtest-{tag}"
@@ -236,10 +236,10 @@ class ShapedNetns:
             _run(*self.prefix, "ip", "addr", "add", self.inner + "/24", "dev", self.veth_in)
             _run(*self.prefix, "ip", "link", "set", self.veth_in, "up")
             _run(*self.prefix, "ip", "link", "set", "lo", "up")
-            # tbf: rate, a bucket of 16 KiB, and a queue of 100 ms at that rate
+            # tbf: rate, a bucket of 16 KiB, and a queue of latency_ms (100 ms) at that rate
             for dev, pre in ((self.veth_out, ()), (self.veth_in, self.prefix)):
                 _run(*pre, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", f"{rate_mbit}mbit",
-                     "burst", "16kb", "latency", "100ms")
+                     "burst", "16kb", "latency", f"{latency_ms:g}ms")
         except BaseException:
             self.close()
             raise

@@ -250,6 +250,13 @@ def test_torch_sequential():
         assert np.allclose(m.run(m.run(x, 0, p), p), full, atol=1e-6)
     prof = offload.profile(m, x, runs=3)
     assert prof.n == 5
+    # over the wire: the server holds the same weights
+    with offload.OffloadServer(seq, port=0, host="127.0.0.1") as srv:
+        with offload.OffloadClient(f"127.0.0.1:{srv.port}", seq, runs=2, warmup=0, replan_s=None) as dev:
+            for p in range(m.n + 1):
+                assert np.allclose(dev.infer(x, split=p), full, atol=1e-6)
+            plan = dev.make_plan(x)
+            assert len(plan.candidates) == 6
 
 
 # ------------------------------------------------------------------ CLI
@@ -272,6 +279,7 @@ def test_cli_serve_plan_run(cnn, x, tmp_path):
                 "3", "--out", str(tmp_path / "plan.json"))
         assert r.returncode == 0, r.stderr
         assert "chosen: p=" in r.stdout and "server-only" in r.stdout and "device-only" in r.stdout
+        assert "then sends" in r.stdout and "MaxPool" in r.stdout
         plan = json.load(open(tmp_path / "plan.json"))
         assert len(plan["candidates"]) == 20 and plan["split"] == min(plan["candidates"],
                                                                        key=lambda c: c["total_s"])["p"]

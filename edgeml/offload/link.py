@@ -9,7 +9,9 @@ few bytes and get ``s`` back, ``a + s / down_bps``. The slope of a
 least-squares line through each set is the size-dependent part of that
 one-way delay: it does not depend on the clocks' offset (the one-way
 ``upload_ms`` would give the same slope, offset and all, as the offset is
-the same constant in every point). ``rtt`` is a small call's round trip.
+the same constant in every point). ``rtt`` is a small call's round trip;
+``a`` less a small call's transfer time is the direction's offset (about
+0; negative behind a token bucket, whose burst passes at line rate).
 """
 from __future__ import annotations
 
@@ -94,22 +96,24 @@ def measure(client: Any, repeats: int = 3, budget_s: float = 0.15, rtt_calls: in
     sizes fit the link (the largest takes about ``budget_s``), each size
     ``repeats`` times (their median)."""
     client.call(SINK, {"b": b""}, timeout=timeout)  # connected, warm
-    rtts = []
+    rtts, small = [], []
     for _ in range(rtt_calls):
         _, t = client.call_timed(SINK, {"b": b""}, timeout=timeout)
         rtts.append(t.rtt_ms / 1e3)
-    rtt = float(np.median(rtts))
+        small.append(_transfer_s(t))
+    rtt, w0 = float(np.median(rtts)), float(np.median(small))
     t0 = time.perf_counter()
-    detail: Dict[str, Any] = {"rtt_samples_s": rtts}
-    bps = {}
+    detail: Dict[str, Any] = {"rtt_samples_s": rtts, "small_transfer_s": w0}
+    bps, offset = {}, {}
     for direction in ("up", "down"):
         sizes = _sizes(client, direction, budget_s, timeout)
         pts = _series(client, direction, sizes, repeats, timeout)
         intercept, slope = _fit(pts)
         if slope <= 0:  # faster than the probes can tell: bound it by the largest probe
             nb, ts = max(pts)
-            slope = max(ts, 1e-6) / nb
+            slope, intercept = max(ts, 1e-6) / nb, w0
         bps[direction] = 1.0 / slope
+        offset[direction] = min(0.0, intercept - w0)  # a burst at line rate; never more than a small call's time
         detail[direction] = {"points": [[b, s] for b, s in pts], "intercept_s": intercept, "slope_s_per_byte": slope}
     detail["probe_s"] = time.perf_counter() - t0
-    return Link(rtt, bps["up"], bps["down"], detail)
+    return Link(rtt, bps["up"], bps["down"], detail, offset["up"], offset["down"])

@@ -50,22 +50,28 @@ class Profile:
 
 
 class Link:
-    """The link as measured: ``rtt_s`` (a small call's round trip, handler
-    time excluded), ``up_bps``/``down_bps`` (bytes per second, the slope of
-    each one-way delay against the frame's size)."""
+    """The link as measured: ``rtt_s`` (a small call's round trip),
+    ``up_bps``/``down_bps`` (bytes per second: the slope of each one-way
+    delay against the frame's size) and ``up_offset_s``/``down_offset_s``
+    (where that line meets zero bytes, less a small call's transfer time:
+    about 0 on most links; negative where a token bucket lets its first
+    bytes through at line rate). A frame of ``b`` bytes takes
+    ``max(0, offset + b / bps)`` on top of the round trip."""
 
-    def __init__(self, rtt_s: float, up_bps: float, down_bps: float, detail: Optional[dict] = None):
+    def __init__(self, rtt_s: float, up_bps: float, down_bps: float, detail: Optional[dict] = None,
+                 up_offset_s: float = 0.0, down_offset_s: float = 0.0):
         for name, v in (("rtt_s", rtt_s), ("up_bps", up_bps), ("down_bps", down_bps)):
             if not v > 0:
                 raise ValueError(f"link {name} must be > 0, got {v!r}")
         self.rtt_s, self.up_bps, self.down_bps = float(rtt_s), float(up_bps), float(down_bps)
+        self.up_offset_s, self.down_offset_s = float(up_offset_s), float(down_offset_s)
         self.detail = detail or {}
 
     def up_s(self, nbytes: int) -> float:
-        return nbytes / self.up_bps
+        return max(0.0, self.up_offset_s + nbytes / self.up_bps)
 
     def down_s(self, nbytes: int) -> float:
-        return nbytes / self.down_bps
+        return max(0.0, self.down_offset_s + nbytes / self.down_bps)
 
     def changed(self, other: "Link", tolerance: float = 0.25) -> bool:
         """Whether ``other`` differs from this link by more than
@@ -77,11 +83,13 @@ class Link:
 
     def to_json(self) -> Dict[str, Any]:
         return {"rtt_s": self.rtt_s, "up_bps": self.up_bps, "down_bps": self.down_bps,
-                "up_mbit_s": self.up_bps * 8 / 1e6, "down_mbit_s": self.down_bps * 8 / 1e6, "detail": self.detail}
+                "up_mbit_s": self.up_bps * 8 / 1e6, "down_mbit_s": self.down_bps * 8 / 1e6,
+                "up_offset_s": self.up_offset_s, "down_offset_s": self.down_offset_s, "detail": self.detail}
 
     @classmethod
     def from_json(cls, d: Dict[str, Any]) -> "Link":
-        return cls(d["rtt_s"], d["up_bps"], d["down_bps"], d.get("detail"))
+        return cls(d["rtt_s"], d["up_bps"], d["down_bps"], d.get("detail"), d.get("up_offset_s", 0.0),
+                   d.get("down_offset_s", 0.0))
 
     def __repr__(self) -> str:
         return (f"<Link rtt {self.rtt_s * 1e3:.2f} ms, up {self.up_bps * 8 / 1e6:.1f} Mbit/s, "
@@ -170,6 +178,18 @@ class Plan:
                  for s in SCENARIOS if s in self.by_scenario]
         lines.append("best of each: " + ", ".join(parts))
         lines.append(f"chosen: p={self.best.p} ({self.best.scenario}), {self.best.total_s * 1e3:.2f} ms predicted")
+        return "\n".join(lines)
+
+    def layers_table(self) -> str:
+        """Per layer: its time on each side (the median of the profile's
+        runs) and the frame that a split after it sends."""
+        lines = [f"{'layer':>5} {'name':<24} {'device ms':>10} {'server ms':>10} {'then sends':>12}"]
+        for i in range(self.n):
+            nxt = f"{self.up_bytes[i + 1]:,}" if i + 1 < self.n else "(result)"
+            lines.append(f"{i:>5} {self.layer_names[i][:24]:<24} {self.device.layer_s[i] * 1e3:>10.3f} "
+                         f"{self.server.layer_s[i] * 1e3:>10.3f} {nxt:>12}")
+        lines.append(f"the input's frame: {self.up_bytes[0]:,} bytes; the result's: {self.down_bytes:,} bytes; "
+                     f"profiles: {self.device.runs} runs on the device, {self.server.runs} on the server (medians)")
         return "\n".join(lines)
 
     def to_json(self) -> Dict[str, Any]:

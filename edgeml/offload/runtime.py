@@ -41,10 +41,11 @@ RUN = "offload.run"
 
 
 def profile(model: SplitModel, x: Any, runs: int = 20, warmup: int = 3, interval_s: float = 0.0,
-            where: str = "") -> Profile:
+            where: str = "", raw: bool = False) -> Any:
     """Run every layer of ``model`` on ``x``, one after the other, ``warmup
     + runs`` times (``interval_s`` idle before each, as between a camera's
-    frames); the medians over the runs of every prefix, suffix and layer."""
+    frames); the medians over the runs of every prefix, suffix and layer
+    (with ``raw``, the runs' times at every cut instead)."""
     if runs < 1:
         raise ValueError(f"runs must be >= 1, got {runs}")
     marks = []
@@ -55,6 +56,11 @@ def profile(model: SplitModel, x: Any, runs: int = 20, warmup: int = 3, interval
         if r >= warmup:
             marks.append(m)
     m = np.asarray(marks)  # runs x (n + 1), seconds since the run's start at each cut
+    return m if raw else _from_marks(m, where, interval_s)
+
+
+def _from_marks(m: np.ndarray, where: str, interval_s: float) -> Profile:
+    runs = len(m)
     total = m[:, -1:]
     prefix = np.median(m, axis=0)
     suffix = np.median(total - m, axis=0)
@@ -194,8 +200,11 @@ class OffloadClient:
         why = self.model.check_cut(0, x)
         if why:
             raise ValueError(f"the input does not fit the model: {why}")
-        self._say(f"profiling this device ({self.runs} runs of {self.model.n} layers)")
-        dev = profile(self.model, x, self.runs, self.warmup, self.interval_s, where="device")
+        # the device's runs in two halves, before and after the rest: a slow spell of this machine's is
+        # half the runs at most, and the medians see past it
+        first = (self.runs + 1) // 2
+        self._say(f"profiling this device ({self.runs} runs of {self.model.n} layers, in two halves)")
+        dev_a = profile(self.model, x, first, self.warmup, self.interval_s, where="device", raw=True)
         self._say("profiling the server")
         srv = Profile.from_json(self.client.call(PROFILE, {"x": x, "runs": self.runs, "warmup": self.warmup,
                                                            "interval_s": self.interval_s},
@@ -203,6 +212,8 @@ class OffloadClient:
         up, down, _ = cut_bytes(self.model, x)
         self._say("measuring the link")
         link = self.measure_link()
+        dev_b = profile(self.model, x, max(1, self.runs - first), 1, self.interval_s, where="device", raw=True)
+        dev = _from_marks(np.concatenate([dev_a, dev_b]), "device", self.interval_s)
         self.plan = Plan(dev, srv, up, down, link, _cut_names(self.model), list(self.model.layer_names))
         self._say(f"plan: split p={self.plan.split} ({self.plan.best.scenario}), "
                   f"{self.plan.best.total_s * 1e3:.2f} ms predicted")
