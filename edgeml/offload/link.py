@@ -62,12 +62,14 @@ def _fit(points: List[Tuple[int, float]]) -> Tuple[float, float]:
 
 
 def _series(client: Any, direction: str, sizes: List[int], repeats: int,
-            timeout: Optional[float]) -> List[Tuple[int, float]]:
+            timeout: Optional[float], gap_s: float = 0.0) -> List[Tuple[int, float]]:
     """(frame bytes in that direction, median transfer s) per size."""
     out = []
     for s in sizes:
         vals, nbytes = [], 0
         for _ in range(repeats):
+            if gap_s > 0:
+                time.sleep(gap_s)
             if direction == "up":
                 _, t = client.call_timed(SINK, {"b": bytes(s)}, timeout=timeout)
                 nbytes = t.bytes_up
@@ -79,25 +81,30 @@ def _series(client: Any, direction: str, sizes: List[int], repeats: int,
     return out
 
 
-def _sizes(client: Any, direction: str, budget_s: float, timeout: Optional[float]) -> List[int]:
+def _sizes(client: Any, direction: str, budget_s: float, timeout: Optional[float], gap_s: float) -> List[int]:
     """Probe sizes from 16 KiB up to the size one transfer of which takes
     about ``budget_s`` on this link (a first guess from a 64 KiB probe and
     a 256 KiB one), 16 KiB .. 16 MiB, four sizes spread geometrically."""
-    (b1, t1), (b2, t2) = _series(client, direction, [64 << 10, 256 << 10], 1, timeout)
+    (b1, t1), (b2, t2) = _series(client, direction, [64 << 10, 256 << 10], 1, timeout, gap_s)
     rate = (b2 - b1) / (t2 - t1) if t2 > t1 else (b2 / t2 if t2 > 0 else 1e9)
     top = int(min(16 << 20, max(256 << 10, rate * budget_s)))
     return sorted({int(v) for v in np.geomspace(16 << 10, top, 4)})
 
 
 def measure(client: Any, repeats: int = 3, budget_s: float = 0.15, rtt_calls: int = 15,
-            timeout: Optional[float] = 30.0) -> Link:
+            timeout: Optional[float] = 30.0, gap_s: float = 0.0) -> Link:
     """Measure the link to ``client``'s server (which serves the probes,
     ``serve_probes``): rtt, then up and down bandwidth by probes whose
     sizes fit the link (the largest takes about ``budget_s``), each size
-    ``repeats`` times (their median)."""
+    ``repeats`` times (their median). ``gap_s``: idle before each probe, the
+    time between the inferences the plan is for (a link that lets a burst
+    through after idle, as a token bucket does, is measured as those
+    inferences will find it)."""
     client.call(SINK, {"b": b""}, timeout=timeout)  # connected, warm
     rtts, small = [], []
     for _ in range(rtt_calls):
+        if gap_s > 0:
+            time.sleep(min(gap_s, 0.01))
         _, t = client.call_timed(SINK, {"b": b""}, timeout=timeout)
         rtts.append(t.rtt_ms / 1e3)
         small.append(_transfer_s(t))
@@ -106,8 +113,8 @@ def measure(client: Any, repeats: int = 3, budget_s: float = 0.15, rtt_calls: in
     detail: Dict[str, Any] = {"rtt_samples_s": rtts, "small_transfer_s": w0}
     bps, offset = {}, {}
     for direction in ("up", "down"):
-        sizes = _sizes(client, direction, budget_s, timeout)
-        pts = _series(client, direction, sizes, repeats, timeout)
+        sizes = _sizes(client, direction, budget_s, timeout, gap_s)
+        pts = _series(client, direction, sizes, repeats, timeout, gap_s)
         intercept, slope = _fit(pts)
         if slope <= 0:  # faster than the probes can tell: bound it by the largest probe
             nb, ts = max(pts)

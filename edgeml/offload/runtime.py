@@ -193,7 +193,7 @@ class OffloadClient:
 
     def measure_link(self) -> Link:
         self._last_probe = time.monotonic()
-        return L.measure(self.client, timeout=self.timeout)
+        return L.measure(self.client, timeout=self.timeout, gap_s=self.interval_s)
 
     def make_plan(self, x: Any) -> Plan:
         """Profile both sides on ``x``, measure the link, plan."""
