@@ -37,7 +37,7 @@ class CpuQuota:
     ``cpu.max`` where the unified hierarchy has the cpu controller, else
     v1 ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``."""
 
-    def __init__(self, fraction: float, period_us: int = 10000, name: str = f"edgeml-weak-{os.getpid()}"):
+    def __init__(self, fraction: float, period_us: int = 4000, name: str = f"edgeml-weak-{os.getpid()}"):
         self.fraction, self.period_us = fraction, period_us
         quota = max(1000, int(fraction * period_us))
         v2_root = "/sys/fs/cgroup"
@@ -75,8 +75,10 @@ class CpuQuota:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rates", default="5,200", help="link rates, Mbit/s, comma-separated")
+    ap.add_argument("--size", type=int, default=224, help="the demo CNN's input size")
     ap.add_argument("--quota", type=float, default=0.25, help="the device's share of one CPU")
-    ap.add_argument("--period-us", type=int, default=10000, help="the quota's period")
+    ap.add_argument("--period-us", type=int, default=4000, help="the quota's period (short: the device's "
+                    "time is quantised by it; 1 ms of quota is the kernel's least)")
     ap.add_argument("--iterations", type=int, default=15, help="measured inferences per split")
     ap.add_argument("--runs", type=int, default=30, help="profile runs per side")
     ap.add_argument("--interval", type=float, default=0.05, help="idle seconds before each inference")
@@ -99,7 +101,7 @@ def main() -> int:
         print(f"offload_check: cannot run here: {why}", file=sys.stderr)
         return 2
     work = tempfile.mkdtemp(prefix="edgeml-offload-")
-    model = demo.save_cnn(os.path.join(work, "cnn.onnx"), width=a.width, heavy=a.heavy)
+    model = demo.save_cnn(os.path.join(work, "cnn.onnx"), size=a.size, width=a.width, heavy=a.heavy)
     out_dir = a.out or work
     os.makedirs(out_dir, exist_ok=True)
     try:

@@ -44,3 +44,12 @@ def test_bench_digits_example(tmp_path):
     for name in ("fp32", "int8"):
         assert os.path.exists(tmp_path / name / "report.html")
     assert os.path.exists(tmp_path / "compare" / "compare.md")
+
+
+@pytest.mark.timeout(180)
+def test_offload_cnn_example(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    out = run_example("examples/offload_cnn.py", "--model", str(tmp_path / "cnn.onnx"), "--size", "64",
+                      "--inferences", "5", timeout=150)
+    assert "chosen: p=" in out and "outputs equal the whole model's" in out

@@ -341,3 +341,29 @@ def test_on_a_shaped_link(cnn, x):
             srv.terminate()
             srv.wait(timeout=10)
         ns.close()
+
+
+@pytest.mark.skipif(not _ok, reason=_why)
+@pytest.mark.timeout(300)
+def test_the_check_script_runs_every_split_under_a_cpu_quota(tmp_path):
+    """bench/offload_check.py end to end, small: a shaped link, the device
+    in a CPU-quota cgroup, every split run and checked against its
+    prediction (the verdicts are the benchmark's to judge, on a quiet
+    machine: here, that it measured and judged every split)."""
+    if not (os.path.exists("/sys/fs/cgroup/cgroup.controllers") or
+            os.path.exists("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")):
+        pytest.skip("no cgroup cpu controller")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, os.path.join(root, "bench", "offload_check.py"), "--rates", "50",
+                        "--iterations", "2", "--runs", "4", "--size", "64", "--width", "32", "--heavy", "1",
+                        "--quota", "0.5", "--interval", "0.01", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=scaled(280))
+    assert r.returncode in (0, 1), r.stdout + r.stderr
+    assert "verdict 50 Mbit/s: predictions within 20%:" in r.stdout
+    res = json.load(open(tmp_path / "offload-50mbit.json"))
+    n = len(res["plan"]["candidates"]) - 1
+    assert [x["p"] for x in res["results"]] == list(range(n + 1))
+    assert set(res["check"]) >= {"predictions_ok", "choice_ok", "chosen", "best_measured"}
+    summary = json.load(open(tmp_path / "offload-summary.json"))
+    assert "cpu" in summary["quota"] and "50" in summary["links"]
+    assert 30 < summary["links"]["50"]["link_measured_mbit_s"][0] < 60
