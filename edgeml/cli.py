@@ -24,18 +24,31 @@ from typing import List, Optional
 from . import __version__, errors
 
 
-def _profile_server(a: argparse.Namespace) -> int:
-    from . import profile
-    server = profile.serve(a.model, port=a.port, host=a.host, threaded=True)
-    print(f"edgeml profile server: model {a.model} on {a.host}:{server.port} (Ctrl-C stops)", flush=True)
+def _serve_until_stopped(server) -> int:
+    """Serve until Ctrl-C or SIGTERM, then stop ``server`` cleanly (its
+    temporary files removed, its clients answered)."""
+    import signal
+
+    def term(*_):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, term)
     try:
         while True:
             time.sleep(0.5)
     except KeyboardInterrupt:
         pass
     finally:
+        signal.signal(signal.SIGTERM, old)
         server.stop()
     return 0
+
+
+def _profile_server(a: argparse.Namespace) -> int:
+    from . import profile
+    server = profile.serve(a.model, port=a.port, host=a.host, threaded=True)
+    print(f"edgeml profile server: model {a.model} on {a.host}:{server.port} (Ctrl-C stops)", flush=True)
+    return _serve_until_stopped(server)
 
 
 def _profile_client(a: argparse.Namespace) -> int:
@@ -66,14 +79,7 @@ def _serve(a: argparse.Namespace) -> int:
     target.start(threaded=True)
     print(f"edgeml serve: benchmark target on {a.host}:{target.port}, runtimes: "
           f"{', '.join(have.values()) or 'none (pip install onnxruntime)'} (Ctrl-C stops)", flush=True)
-    try:
-        while True:
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        target.stop()
-    return 0
+    return _serve_until_stopped(target)
 
 
 def _bench(a: argparse.Namespace) -> int:
@@ -146,14 +152,7 @@ def _offload_serve(a: argparse.Namespace) -> int:
     m = server.model
     print(f"edgeml offload serve: {m.source} ({m.n} layers, sha256 {m.sha256[:16]}…) on {a.host}:{server.port} "
           f"(Ctrl-C stops)", flush=True)
-    try:
-        while True:
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop()
-    return 0
+    return _serve_until_stopped(server)
 
 
 def _offload_client(a: argparse.Namespace):
@@ -214,8 +213,7 @@ def _offload_run(a: argparse.Namespace) -> int:
         ref = dev.model.run_full(x)
         lat = []
         for i in range(a.iterations):
-            if a.interval > 0:
-                time.sleep(a.interval)
+            offload.runtime.idle(a.interval)
             y = dev.infer(x, split=split)
             lat.append(dev.last["total_s"])
             if i == 0:

@@ -630,7 +630,7 @@ def test_cli_serve_and_bench(models, tmp_path):
         r = cli("bench", "compare", str(tmp_path / "nothing"))
         assert r.returncode == 2 and "no run" in r.stderr
     finally:
-        srv.send_signal(signal.SIGINT)
+        srv.send_signal(signal.SIGTERM)  # stops cleanly, as Ctrl-C does
         try:
             srv.wait(timeout=scaled(15))
         except subprocess.TimeoutExpired:

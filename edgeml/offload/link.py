@@ -46,6 +46,11 @@ def serve_probes(server: Any) -> None:
     server.register_interface(SOURCE, source)
 
 
+def _idle(gap_s: float) -> None:
+    from .runtime import idle
+    idle(gap_s)
+
+
 def _transfer_s(t) -> float:
     """upload + download of one call, from one clock each."""
     return (t.rtt_ms - t.queue_ms - t.handler_ms - t.reply_ms) / 1e3
@@ -68,8 +73,7 @@ def _series(client: Any, direction: str, sizes: List[int], repeats: int,
     for s in sizes:
         vals, nbytes = [], 0
         for _ in range(repeats):
-            if gap_s > 0:
-                time.sleep(gap_s)
+            _idle(gap_s)
             if direction == "up":
                 _, t = client.call_timed(SINK, {"b": bytes(s)}, timeout=timeout)
                 nbytes = t.bytes_up
@@ -103,8 +107,7 @@ def measure(client: Any, repeats: int = 3, budget_s: float = 0.15, rtt_calls: in
     client.call(SINK, {"b": b""}, timeout=timeout)  # connected, warm
     rtts, small = [], []
     for _ in range(rtt_calls):
-        if gap_s > 0:
-            time.sleep(min(gap_s, 0.01))
+        _idle(min(gap_s, 0.01))
         _, t = client.call_timed(SINK, {"b": b""}, timeout=timeout)
         rtts.append(t.rtt_ms / 1e3)
         small.append(_transfer_s(t))

@@ -23,6 +23,7 @@ shorter on the wire than the plan says, and re-plans when the link changed.
 """
 from __future__ import annotations
 
+import random
 import threading
 import time
 from typing import Any, Dict, List, Optional
@@ -40,18 +41,25 @@ PROFILE = "offload.profile"
 RUN = "offload.run"
 
 
+def idle(interval_s: float) -> None:
+    """Sleep about ``interval_s``: a random 0.5x to 1.5x of it, so that a
+    steady cadence cannot lock onto a period of the machine's (a CPU
+    quota's, a timer tick's) and see only one phase of it."""
+    if interval_s > 0:
+        time.sleep(interval_s * random.uniform(0.5, 1.5))
+
+
 def profile(model: SplitModel, x: Any, runs: int = 20, warmup: int = 3, interval_s: float = 0.0,
             where: str = "", raw: bool = False) -> Any:
     """Run every layer of ``model`` on ``x``, one after the other, ``warmup
-    + runs`` times (``interval_s`` idle before each, as between a camera's
-    frames); the medians over the runs of every prefix, suffix and layer
+    + runs`` times (about ``interval_s`` idle before each, as between a
+    camera's frames: ``idle``); the medians over the runs of every prefix, suffix and layer
     (with ``raw``, the runs' times at every cut instead)."""
     if runs < 1:
         raise ValueError(f"runs must be >= 1, got {runs}")
     marks = []
     for r in range(warmup + runs):
-        if interval_s > 0:
-            time.sleep(interval_s)
+        idle(interval_s)
         _, _, m = model.timed_run(x)
         if r >= warmup:
             marks.append(m)
@@ -303,8 +311,7 @@ def run_splits(client: OffloadClient, x: Any, iterations: int = 10, interval_s: 
         client.infer(x, split=p)  # warm: the connection, the sessions' caches
         vals, devs, calls = [], [], []
         for _ in range(iterations):
-            if gap > 0:
-                time.sleep(gap)
+            idle(gap)
             client.infer(x, split=p)
             vals.append(client.last["total_s"])
             devs.append(client.last["device_s"])
