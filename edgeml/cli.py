@@ -190,10 +190,9 @@ def _offload_run(a: argparse.Namespace) -> int:
         plan = dev.make_plan(x)
         print(plan.table())
         if a.split == "all":
-            def prog(k, total, r):
+            def prog(k, total, medians):
                 if not a.quiet:
-                    print(f"edgeml offload: split {r['p']} ({k}/{total}): {r['measured_s'] * 1e3:.2f} ms measured, "
-                          f"{r['predicted_s'] * 1e3:.2f} predicted", file=sys.stderr, flush=True)
+                    print(f"edgeml offload: round {k}/{total} of every split done", file=sys.stderr, flush=True)
             results = offload.run_splits(dev, x, a.iterations, a.interval, progress=prog)
             verdict = offload.check(results, plan)
             print(f"{'p':>3} {'scenario':<12} {'predicted ms':>13} {'measured ms':>12} {'error':>8}")

@@ -4,7 +4,7 @@ Trains a small MLP on scikit-learn's digits, exports it to ONNX with
 skl2onnx, makes an int8 copy with onnxruntime's dynamic quantisation, then
 benchmarks both on a target and puts them side by side.
 
-    pip install -e ".[modelbench]" skl2onnx
+    pip install -e ".[modelbench]"
     python3 examples/bench_digits.py                        # a target on loopback, in this process
     python3 examples/bench_digits.py --target board:6379    # a target started there with `edgeml serve`
 
@@ -26,7 +26,7 @@ def make_models(out_dir: str):
         from sklearn.neural_network import MLPClassifier
     except ImportError as e:
         sys.exit(f"this example needs onnxruntime, scikit-learn and skl2onnx: pip install -e \".[modelbench]\" "
-                 f"skl2onnx ({e})")
+                 f"({e})")
     digits = load_digits()
     x = digits.data.astype(np.float32) / 16  # the dataset spec digits:scale=0.0625 feeds the same
     clf = MLPClassifier(hidden_layer_sizes=(64,), max_iter=300, random_state=0)

@@ -300,30 +300,40 @@ class OffloadClient:
 def run_splits(client: OffloadClient, x: Any, iterations: int = 10, interval_s: Optional[float] = None,
                splits: Optional[List[int]] = None, progress=None) -> List[dict]:
     """Run every split (or ``splits``) ``iterations`` times for real; per
-    split the median measured latency beside the plan's prediction."""
+    split the median measured latency beside the plan's prediction.
+
+    The splits take turns: each round runs every split once, in a new
+    random order, so that a slow spell of the machine or the link is
+    spread over all of them instead of landing on the few measured then."""
     if client.plan is None:
         client.make_plan(x)
     plan = client.plan
     gap = client.interval_s if interval_s is None else interval_s
-    out = []
     todo = list(range(plan.n + 1)) if splits is None else list(splits)
-    for k, p in enumerate(todo):
+    samples: Dict[int, Dict[str, list]] = {p: {"total": [], "device": [], "call": []} for p in todo}
+    for p in todo:
         client.infer(x, split=p)  # warm: the connection, the sessions' caches
-        vals, devs, calls = [], [], []
-        for _ in range(iterations):
+    rng = random.Random(0)
+    for k in range(iterations):
+        order = list(todo)
+        rng.shuffle(order)
+        for p in order:
             idle(gap)
             client.infer(x, split=p)
-            vals.append(client.last["total_s"])
-            devs.append(client.last["device_s"])
-            calls.append(client.last["call_s"])
-        c = plan.candidates[p]
-        med = float(np.median(vals))
+            s = samples[p]
+            s["total"].append(client.last["total_s"])
+            s["device"].append(client.last["device_s"])
+            s["call"].append(client.last["call_s"])
+        if progress is not None:
+            progress(k + 1, iterations, {p: float(np.median(samples[p]["total"])) for p in todo})
+    out = []
+    for p in todo:
+        c, s = plan.candidates[p], samples[p]
+        med = float(np.median(s["total"]))
         out.append({"p": p, "scenario": c.scenario, "predicted_s": c.total_s, "measured_s": med,
                     "error": (c.total_s - med) / med if med > 0 else 0.0,
-                    "measured_device_s": float(np.median(devs)), "measured_call_s": float(np.median(calls)),
-                    "samples_s": vals})
-        if progress is not None:
-            progress(k + 1, len(todo), out[-1])
+                    "measured_device_s": float(np.median(s["device"])), "measured_call_s": float(np.median(s["call"])),
+                    "samples_s": s["total"]})
     return out
 
 
