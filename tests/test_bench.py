@@ -386,6 +386,64 @@ def test_protocol_refusals(models, target, make_client):
     assert "no session" in err(P.STATS, {"session": sid})
 
 
+def test_sessions_left_behind_are_closed(models, cleanup, make_client, tmp_path):
+    """A half-uploaded model ENDs; a session its host forgot is closed
+    after session_idle_s; a dataset that raises mid-run stops the run with
+    a partial report, and its session is closed."""
+    t = cleanup(bench.Target(0, host="127.0.0.1", session_idle_s=0.3).start())
+    c = make_client(t.port)
+    data = open(models["fp32"], "rb").read()
+    r = c.call(P.MODEL, {"session": None, "offset": 0, "total": len(data), "chunk": data[:100]})
+    assert c.call(P.END, {"session": r["session"]})["status"] == "OK" and t.sessions == 0
+    assert "empty chunk" in c.call(P.MODEL, {"session": c.call(P.MODEL, {"session": None, "offset": 0,
+                                                                          "total": len(data),
+                                                                          "chunk": data[:10]})["session"],
+                                             "offset": 10, "total": len(data), "chunk": b""})["error"]
+    r = c.call(P.MODEL, {"session": None, "offset": 0, "total": len(data), "chunk": data})
+    assert r["status"] == "OK" and t.sessions == 1
+    from conftest import wait_until
+    assert wait_until(lambda: t.sessions == 0, timeout=10)  # forgotten: closed, its sampler stopped
+
+    class Breaks:
+        classes = [str(i) for i in range(10)]
+
+        def __iter__(self):
+            for i in range(100):
+                if i == 7:
+                    raise OSError("cannot identify image file 'broken.png'")
+                yield models["x"][i], int(models["y"][i])
+
+    result = bench.run(f"127.0.0.1:{t.port}", models["fp32"], Breaks(), out=str(tmp_path / "b"), progress=False)
+    assert not result.complete and len(result.ok_samples) == 7
+    assert result.error == "the dataset failed at sample 7: OSError: cannot identify image file 'broken.png'"
+    assert t.sessions == 0 and os.path.exists(tmp_path / "b" / "report.md")
+
+    class BadLabels:
+        classes = []
+
+        def __iter__(self):
+            yield models["x"][0], "cat"
+            yield models["x"][1], 1
+
+    result = bench.run(f"127.0.0.1:{t.port}", models["fp32"], BadLabels(), progress=False)
+    assert result.complete and "not an (input, label) pair with an int label" in result.samples[0]["error"]
+    assert result.samples[1]["prediction"] is not None
+
+
+def test_sampler_forgets_what_was_fetched():
+    s = S.Sampler(hz=100)
+    s.start()
+    from conftest import wait_until
+    assert wait_until(lambda: len(s) >= 4)
+    s.stop()
+    n = len(s)
+    first, nxt = s.since(0, forget_before=True)
+    assert nxt == n and len(first["timestamp"]) == n
+    again, nxt2 = s.since(nxt, forget_before=True)
+    assert again["timestamp"] == [] and nxt2 == n and len(s) == n
+    assert s.since(0)[0]["timestamp"] == []  # forgotten: asking from 0 gives what is left
+
+
 def test_a_busy_target_says_so(models, cleanup, make_client):
     t = cleanup(bench.Target(0, host="127.0.0.1", max_sessions=1).start())
     c = make_client(t.port)
@@ -405,6 +463,9 @@ def test_not_a_bench_target(make_server, tmp_path):
     model.write_bytes(b"x")
     with pytest.raises(edgeml.errors.EdgeMLError, match="is it edgeml serve"):
         bench.run(f"127.0.0.1:{srv.port}", str(model), "digits", progress=False)
+    plain = make_server()
+    with pytest.raises(bench.BenchError, match="serves edgeml but not the bench protocol: is it edgeml serve"):
+        bench.run(f"127.0.0.1:{plain.port}", str(model), "digits", progress=False)
 
 
 def test_bad_arguments():
@@ -450,7 +511,18 @@ def test_proc_parsing(tmp_path):
                     "cpu0 5 0 5 40 0 0 0 0 0 0\n"
                     "cpu1 1 1 1 90 7 0 0 0 0 0\n"
                     "intr 1 2 3\n")
-    assert S._read_proc_stat(str(stat)) == [(10, 50), (3, 100)]
+    assert S._read_proc_stat(str(stat)) == {0: (10, 50), 1: (3, 100)}
+    cpu = S._ProcCpu(str(stat))
+    cpu.cores = 2
+    stat.write_text("cpu  10 0 10 80 0 0 0 0 0 0\n"
+                    "cpu0 15 0 5 80 0 0 0 0 0 0\n")  # cpu1 went offline (a board parking a core)
+    assert cpu.sample() == [20.0, None]
+    from edgeml.bench.report import BenchResult
+    r = BenchResult([], {"timestamp": [1, 2], "cpus_percent": [[20.0, None], [40.0, 10.0]], "mem_percent": [5, 6]},
+                    {"complete": True})
+    u = r.summary()["utilization"]
+    assert u["cpu_percent_mean"] == pytest.approx(70 / 3) and u["cpu_percent_per_core_mean"] == [30.0, 10.0]
+    assert "per core: 30, 10" in r.markdown()
     mem = tmp_path / "meminfo"
     mem.write_text("MemTotal:       1000 kB\nMemFree:         100 kB\nMemAvailable:    250 kB\n")
     assert S._read_meminfo(str(mem)) == 75.0

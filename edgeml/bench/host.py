@@ -68,6 +68,10 @@ class _NoPrediction(Exception):
     """No output of the model holds a prediction: the run stops."""
 
 
+class _DatasetError(Exception):
+    """The dataset raised while giving a sample: the run stops."""
+
+
 def _feeds(x: Any, specs: List[dict], input_name: Optional[str]) -> Tuple[Dict[str, np.ndarray], str]:
     """The model's feeds for one dataset sample, and a note on how they
     were made (a batch axis added)."""
@@ -172,12 +176,25 @@ def run(target: Any, model: str, dataset: Any = "digits", out: Optional[str] = N
 
 
 def _upload(client: InferenceClient, model: str, fmt: str, meta: dict, bar: Any) -> dict:
+    sid_box: List[Optional[str]] = [None]
+    try:
+        return _chunks(client, model, fmt, meta, bar, sid_box)
+    except BaseException:
+        if sid_box[0] is not None:  # a half-uploaded model: its session goes
+            _end_quietly(client, sid_box[0])
+        raise
+
+
+def _chunks(client: InferenceClient, model: str, fmt: str, meta: dict, bar: Any, sid_box: list) -> dict:
     digest = hashlib.sha256()
     size = meta["model_bytes"]
     sid, offset = None, 0
     with open(model, "rb") as f:
         while True:
             chunk = f.read(P.CHUNK_BYTES)
+            if not chunk:
+                raise BenchError(f"{model} ended at {offset} bytes, {size} were expected: was it changed "
+                                 f"while being sent?")
             digest.update(chunk)
             last = offset + len(chunk) >= size
             payload = {"session": sid, "offset": offset, "total": size, "chunk": chunk, "format": fmt,
@@ -186,7 +203,7 @@ def _upload(client: InferenceClient, model: str, fmt: str, meta: dict, bar: Any)
                 payload["sha256"] = digest.hexdigest()
                 meta["model_sha256"] = payload["sha256"]
             reply = _call(client, P.MODEL, payload)
-            sid = reply["session"]
+            sid = sid_box[0] = reply["session"]
             offset += len(chunk)
             if bar is not None and size > P.CHUNK_BYTES:
                 bar.update(offset, f"upload {offset / 2**20:.0f}/{size / 2**20:.0f} MiB")
@@ -218,7 +235,10 @@ def _run(client, model, fmt, ds, classes, total, meta, out, output, input_name, 
                 meta["files"] = result.write(out, plots=False)
         return result
 
-    hello = _call(client, P.HELLO, {})
+    try:
+        hello = _call(client, P.HELLO, {})
+    except errors.UnknownInterfaceError:
+        raise BenchError(f"{meta['target']} serves edgeml but not the bench protocol: is it edgeml serve?") from None
     if hello.get("protocol") != P.PROTOCOL_VERSION:
         raise BenchError(f"the target speaks bench protocol {hello.get('protocol')!r}, this host "
                          f"{P.PROTOCOL_VERSION}: run the same edgeml version on both")
@@ -233,7 +253,7 @@ def _run(client, model, fmt, ds, classes, total, meta, out, output, input_name, 
     sid = loaded["session"]
     meta.update(session=sid, runtime=loaded.get("runtime"), load_s=loaded.get("load_s"),
                 inputs=loaded.get("inputs"), outputs=loaded.get("outputs"), gpu=loaded.get("gpu", ""),
-                gpus=loaded.get("gpus", []), sample_hz=P.SAMPLE_HZ)
+                gpus=loaded.get("gpus", []), sample_hz=loaded.get("hz", P.SAMPLE_HZ))
     specs = loaded["inputs"]
     it = iter(ds)
     try:
@@ -262,12 +282,25 @@ def _run(client, model, fmt, ds, classes, total, meta, out, output, input_name, 
         yield first
         yield from it
 
+    src = items()
+    ended = False
     try:
-        for i, (x, label) in enumerate(items()):
-            if total is not None and i >= total:
-                break
-            rec: Dict[str, Any] = {"index": i, "label": None if label is None else int(label)}
+        while total is None or i + 1 < total:
+            i += 1
             try:
+                item = next(src)
+            except StopIteration:
+                break
+            except Exception as e:  # the dataset's own failure (a corrupt image file): the run stops, reported
+                raise _DatasetError(f"the dataset failed at sample {i}: {type(e).__name__}: {e}") from None
+            rec: Dict[str, Any] = {"index": i, "label": None}
+            try:
+                try:
+                    x, label = item
+                    rec["label"] = None if label is None else int(label)
+                except (TypeError, ValueError) as e:
+                    raise ValueError(f"the dataset's sample {i} is not an (input, label) pair with an int label "
+                                     f"or None: {e}") from None
                 feeds, _ = _feeds(x, specs, input_name)
                 t0 = time.perf_counter()
                 _call(client, P.DATA, {"session": sid, "inputs": feeds})
@@ -296,23 +329,27 @@ def _run(client, model, fmt, ds, classes, total, meta, out, output, input_name, 
                 take_stats(_call(client, P.STATS, {"session": sid, "since": state["since"]}))
                 last_stats = time.monotonic()
         end = _call(client, P.END, {"session": sid, "since": state["since"]})
+        ended = True
         take_stats(end)
         meta["target_inference_steps_on_target"] = len(end.get(P.K_TARGET_STEP, []))
+        meta["hz"] = end.get("hz", P.SAMPLE_HZ)
         meta["complete"] = True
     except _NoPrediction as e:
         meta["error"] = f"cannot read a prediction from the model's outputs: {e}"
-        _end_quietly(client, sid)
-    except (errors.EdgeMLError, _TargetError, OSError) as e:
+    except _DatasetError as e:
+        meta["error"] = str(e)
+    except (errors.EdgeMLError, _TargetError) as e:
         what = "lost the target" if isinstance(e, (errors.EdgeMLConnectionError, errors.EdgeMLTimeoutError)) \
             else "the target failed"
         meta["error"] = f"{what} after {len(samples)} samples: {type(e).__name__}: {e}"
     except KeyboardInterrupt:
         meta["error"] = f"interrupted (Ctrl-C) after {len(samples)} samples"
         meta["interrupted"] = True
-        _end_quietly(client, sid)
     finally:
         if bar is not None:
             bar.close()
+        if not ended:  # close the session on the target, if it is still there to hear it
+            _end_quietly(client, sid)
     errs = [s for s in samples if "error" in s]
     if errs and not meta["error"] and len(errs) == len(samples):
         meta["error"] = f"every sample failed; the first: {errs[0]['error']}"

@@ -48,8 +48,8 @@ def confusion(labels: List[int], predictions: List[int], n: int) -> np.ndarray:
 def quality(labels: List[int], predictions: List[int], top5: List[bool], classes: List[str]) -> Dict[str, Any]:
     """Accuracy, top-5 accuracy, the confusion matrix and per-class precision
     and recall of the samples that have a label and a prediction."""
-    n = len(classes) or (max(labels + predictions) + 1 if labels else 0)
-    names = classes or [str(i) for i in range(n)]
+    n = max([len(classes)] + [v + 1 for v in labels + predictions if v >= 0])
+    names = list(classes) + [str(i) for i in range(len(classes), n)]  # a class the names do not cover: its index
     total = len(labels)
     if not total:
         return {"total": 0}
@@ -111,11 +111,12 @@ class BenchResult:
         u = self.utilization
         cpus = u.get("cpus_percent") or []
         util: Dict[str, Any] = {"samples": len(u.get("timestamp") or [])}
-        if cpus:
-            per_core = np.asarray(cpus, dtype=np.float64)
-            util["cpu_percent_mean"] = float(per_core.mean())
-            util["cpu_percent_per_core_mean"] = per_core.mean(axis=0).tolist()
-            util["cpu_percent_busiest_core_max"] = float(per_core.max())
+        per_core = _cores(cpus)
+        if per_core.size and not np.isnan(per_core).all():
+            util["cpu_percent_mean"] = float(np.nanmean(per_core))  # over the cores online at each sample
+            util["cpu_percent_per_core_mean"] = [None if np.isnan(c).all() else float(np.nanmean(c))
+                                                 for c in per_core.T]
+            util["cpu_percent_busiest_core_max"] = float(np.nanmax(per_core))
         for key in ("mem_percent", "gpu_utilization", "gpu_mem_utilization"):
             vals = u.get(key) or []
             if vals:
@@ -246,7 +247,7 @@ class BenchResult:
         u = s["utilization"]
         out += ["", "## Target", ""]
         if "cpu_percent_mean" in u:
-            cores = ", ".join(f"{v:.0f}" for v in u["cpu_percent_per_core_mean"])
+            cores = ", ".join("offline" if v is None else f"{v:.0f}" for v in u["cpu_percent_per_core_mean"])
             out.append(f"- CPU: {u['cpu_percent_mean']:.1f}% mean over all cores (per core: {cores}); busiest "
                        f"core peak {u['cpu_percent_busiest_core_max']:.0f}%")
         if "mem_percent_mean" in u:
@@ -316,11 +317,15 @@ class BenchResult:
         gpu = bool(u.get("gpu_utilization"))
         fig = _figure(figsize=(11, 4.2))
         ax, mx = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-        cpus = np.asarray(u.get("cpus_percent") or [], dtype=np.float64)
-        if cpus.size:
+        cpus = _cores(u.get("cpus_percent") or [])
+        if cpus.size and not np.isnan(cpus).all():
             for c in range(cpus.shape[1]):
                 ax.plot(t, cpus[:, c], linewidth=0.6, alpha=0.5, label=f"core {c}" if cpus.shape[1] <= 8 else None)
-            ax.plot(t, cpus.mean(axis=1), linewidth=1.8, color="black", label="mean")
+            with np.errstate(all="ignore"):
+                import warnings
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)  # a sample with every core offline
+                    ax.plot(t, np.nanmean(cpus, axis=1), linewidth=1.8, color="black", label="mean")
         if gpu:
             ax.plot(t, u["gpu_utilization"], linewidth=1.5, color="tab:green", label="GPU")
         if u.get("mem_percent"):
@@ -402,6 +407,17 @@ class BenchResult:
     def __repr__(self) -> str:
         return (f"<BenchResult {len(self.samples)} samples, {len(self.samples) - len(self.ok_samples)} errors"
                 f"{'' if self.complete else ', incomplete'}; .table(), .figures(), .write(dir)>")
+
+
+def _cores(cpus: List[list]) -> np.ndarray:
+    """Samples x cores, NaN where a core was offline (None) or missing."""
+    if not cpus:
+        return np.zeros((0, 0))
+    width = max(len(c) for c in cpus)
+    out = np.full((len(cpus), width), np.nan)
+    for i, row in enumerate(cpus):
+        out[i, :len(row)] = [np.nan if v is None else v for v in row]
+    return out
 
 
 def _target_line(m: dict) -> str:

@@ -17,18 +17,23 @@ from typing import Dict, List, Optional, Tuple
 from .protocol import SAMPLE_HZ
 
 
-def _read_proc_stat(path: str = "/proc/stat") -> List[Tuple[int, int]]:
-    """(busy, total) jiffies of each core, in core order."""
-    cores = []
+def _read_proc_stat(path: str = "/proc/stat") -> Dict[int, Tuple[int, int]]:
+    """(busy, total) jiffies of each online core, by core number (an
+    offline core has no line)."""
+    cores = {}
     with open(path) as f:
         for line in f:
             if not line.startswith("cpu") or line.startswith("cpu "):
                 continue
             parts = line.split()
+            try:
+                num = int(parts[0][3:])
+            except ValueError:
+                continue
             vals = [int(v) for v in parts[1:]]
             idle = vals[3] + (vals[4] if len(vals) > 4 else 0)  # idle + iowait
             total = sum(vals[:8])  # guest time is already in user/nice
-            cores.append((total - idle, total))
+            cores[num] = (total - idle, total)
     return cores
 
 
@@ -45,15 +50,24 @@ def _read_meminfo(path: str = "/proc/meminfo") -> float:
 
 
 class _ProcCpu:
-    def __init__(self) -> None:
-        self._prev = _read_proc_stat()
+    """Per-core busy % since the last sample, one value per core of the
+    machine (``os.cpu_count()``): None for a core that is offline now or
+    was at the last sample (as on boards that park cores)."""
 
-    def sample(self) -> List[float]:
-        cur = _read_proc_stat()
-        out = []
-        for (b0, t0), (b1, t1) in zip(self._prev, cur):
-            dt = t1 - t0
-            out.append(100.0 * (b1 - b0) / dt if dt > 0 else 0.0)
+    def __init__(self, path: str = "/proc/stat") -> None:
+        self.path = path
+        self._prev = _read_proc_stat(path)
+        self.cores = max([os.cpu_count() or 0] + [c + 1 for c in self._prev])
+
+    def sample(self) -> List[Optional[float]]:
+        cur = _read_proc_stat(self.path)
+        out: List[Optional[float]] = []
+        for c in range(self.cores):
+            a, b = self._prev.get(c), cur.get(c)
+            if a is None or b is None or b[1] - a[1] <= 0:
+                out.append(None if a is None or b is None else 0.0)
+            else:
+                out.append(100.0 * (b[0] - a[0]) / (b[1] - a[1]))
         self._prev = cur
         return out
 
@@ -113,6 +127,7 @@ class Sampler:
         self._lock = threading.Lock()
         self._series: Dict[str, list] = {k: [] for k in ("timestamp", "cpus_percent", "mem_percent", "rss_bytes")}
         self._stop = threading.Event()
+        self._base = 0  # samples forgotten (since(..., forget_before=True))
         self._thread: Optional[threading.Thread] = None
         self._cpu = self._psutil = None
         if os.path.exists("/proc/stat"):
@@ -187,15 +202,24 @@ class Sampler:
             self._gpu = None
 
     def __len__(self) -> int:
+        """Samples taken so far (those forgotten included)."""
         with self._lock:
-            return len(self._series["timestamp"])
+            return self._base + len(self._series["timestamp"])
 
-    def since(self, i: int = 0) -> Tuple[Dict[str, list], int]:
-        """The samples from index ``i`` on, and the index to ask from next."""
+    def since(self, i: int = 0, forget_before: bool = False) -> Tuple[Dict[str, list], int]:
+        """The samples from index ``i`` on (indices count every sample
+        taken), and the index to ask from next; with ``forget_before``,
+        those before ``i`` are dropped (whoever asks has them)."""
         with self._lock:
-            n = len(self._series["timestamp"])
-            i = max(0, min(int(i), n))
-            return {k: v[i:] for k, v in self._series.items()}, n
+            n = self._base + len(self._series["timestamp"])
+            i = max(self._base, min(int(i), n))
+            k = i - self._base
+            out = {key: v[k:] for key, v in self._series.items()}
+            if forget_before and k:
+                for v in self._series.values():
+                    del v[:k]
+                self._base = i
+            return out, n
 
 
 def _rss_bytes() -> int:

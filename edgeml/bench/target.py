@@ -37,7 +37,8 @@ from . import runtimes
 from .sampler import Sampler
 
 MAX_MODEL_BYTES = 4 << 30  # a model larger than this is refused before any of it is written
-SESSION_IDLE_S = 600.0  # a session no call has touched for this long is closed when room is needed
+SESSION_IDLE_S = 600.0  # a session no call has touched for this long is closed (its host went away)
+REAP_EVERY_S = 5.0
 
 
 class _Session:
@@ -84,7 +85,7 @@ class Target:
 
     def __init__(self, port: int = 6379, host: str = "0.0.0.0", *, model_dir: Optional[str] = None,
                  max_sessions: int = 4, max_model_bytes: int = MAX_MODEL_BYTES, sample_hz: float = P.SAMPLE_HZ,
-                 log=None, **server_kw):
+                 session_idle_s: float = SESSION_IDLE_S, log=None, **server_kw):
         if isinstance(max_sessions, bool) or not isinstance(max_sessions, int) or max_sessions < 1:
             raise ValueError(f"max_sessions must be an int >= 1, got {max_sessions!r}")
         if not sample_hz > 0:
@@ -102,6 +103,8 @@ class Target:
         self._lock = threading.Lock()
         self._sessions: Dict[str, _Session] = {}
         self._stopped = False
+        self.session_idle_s = float(session_idle_s)
+        self._reap_stop = threading.Event()
         self.server = InferenceServer(port, host=host, **server_kw)
         handlers = {P.HELLO: self._hello, P.MODEL: self._model, P.DATA: self._data, P.PROCESS: self._process,
                     P.OUTPUT: self._output, P.STATS: self._stats, P.END: self._end}
@@ -112,8 +115,30 @@ class Target:
 
     def start(self, threaded: bool = True) -> "Target":
         """Serve; with ``threaded=False`` this call serves until ``stop()``."""
-        self.server.start(threaded=threaded)
+        self._reaper = threading.Thread(target=self._reap_loop, name="edgeml-bench-reaper", daemon=True)
+        self._reaper.start()
+        try:
+            self.server.start(threaded=threaded)
+        except BaseException:
+            self.stop()  # the port was taken: nothing left behind (the temporary model folder)
+            raise
         return self
+
+    def _reap_loop(self) -> None:
+        while not self._reap_stop.wait(min(REAP_EVERY_S, self.session_idle_s / 2)):
+            self._reap()
+
+    def _reap(self) -> None:
+        """Close the sessions no call has touched for ``session_idle_s``
+        (their host went away without END)."""
+        now = time.monotonic()
+        with self._lock:
+            stale = [s for s in self._sessions.values() if now - s.touched > self.session_idle_s]
+            for s in stale:
+                del self._sessions[s.id]
+        for s in stale:
+            self._say(f"session {s.id}: closed after {self.session_idle_s:g} s without a call")
+            s.close()
 
     @property
     def port(self) -> int:
@@ -124,7 +149,11 @@ class Target:
         if self._stopped:
             return
         self._stopped = True
-        self.server.stop()
+        self._reap_stop.set()
+        try:
+            self.server.stop()
+        except Exception:  # never started (its port was taken): nothing to stop
+            pass
         with self._lock:
             sessions, self._sessions = list(self._sessions.values()), {}
         for s in sessions:
@@ -197,14 +226,9 @@ class Target:
             raise _Refused(f"MODEL: {total} bytes is over this target's limit of {self.max_model_bytes} bytes")
         if fmt not in runtimes.RUNTIMES:
             raise _Refused(f"MODEL: unknown format {fmt!r}: this target runs {sorted(runtimes.RUNTIMES)}")
-        now = time.monotonic()
+        self._reap()
         with self._lock:
-            stale = [s for s in self._sessions.values() if now - s.touched > SESSION_IDLE_S]
-            for s in stale:
-                del self._sessions[s.id]
             full = len(self._sessions) >= self.max_sessions
-        for s in stale:
-            s.close()
         if full:
             raise _Refused(f"MODEL: the target is busy: {self.max_sessions} sessions are open (END yours, "
                            f"or start edgeml serve with a larger --max-sessions)")
@@ -234,6 +258,9 @@ class Target:
             self._drop(s)
             raise _Refused(f"MODEL: chunk at offset {offset!r}, expected {s.received}; session {s.id} closed")
         n = len(chunk)
+        if n == 0:
+            self._drop(s)
+            raise _Refused(f"MODEL: an empty chunk at {offset} of {s.total} bytes; session {s.id} closed")
         if n > P.CHUNK_BYTES or s.received + n > s.total:
             self._drop(s)
             raise _Refused(f"MODEL: chunk of {n} bytes at {offset} overruns the model's {s.total} bytes "
@@ -263,10 +290,14 @@ class Target:
             self._say(f"session {s.id}: {s.name} does not load: {reason}")
             raise _Refused(f"MODEL: {s.format} runtime cannot load {s.name!r}: {reason}") from None
         load_s = time.perf_counter() - t0
-        s.sampler = Sampler(self.sample_hz).start()
+        try:
+            s.sampler = Sampler(self.sample_hz).start()
+        except Exception as e:
+            self._drop(s)
+            raise _Refused(f"MODEL: the target cannot sample its statistics: {type(e).__name__}: {e}") from None
         self._say(f"session {s.id}: loaded {s.name} in {load_s * 1e3:.1f} ms ({s.runtime.version})")
         return P.ok(session=s.id, received=s.received, inputs=s.runtime.inputs, outputs=s.runtime.outputs,
-                    runtime=s.runtime.version, load_s=load_s, gpu=s.sampler.gpu_reason or "",
+                    runtime=s.runtime.version, load_s=load_s, hz=self.sample_hz, gpu=s.sampler.gpu_reason or "",
                     gpus=s.sampler.gpu_names)
 
     def _data(self, payload: dict) -> dict:
@@ -308,7 +339,10 @@ class Target:
         since = payload.get("since", 0)
         if isinstance(since, bool) or not isinstance(since, int) or since < 0:
             raise _Refused(f"STATS: since must be an int >= 0, got {since!r}")
-        samples, nxt = s.sampler.since(since)
+        if s.sampler is None:  # a session whose model never loaded
+            return P.ok(samples={}, next=0, gpu="", sampling_error="", hz=self.sample_hz, inferences=0)
+        # the host has what came before `since`: the target forgets it (a long run stays small here)
+        samples, nxt = s.sampler.since(since, forget_before=True)
         return P.ok(samples=samples, next=nxt, gpu=s.sampler.gpu_reason or "", sampling_error=s.sampler.error,
                     hz=self.sample_hz, inferences=len(s.target_s))
 
@@ -316,8 +350,9 @@ class Target:
         return self._stats_of(self._session(payload), payload)
 
     def _end(self, payload: dict) -> dict:
-        s = self._session(payload)
-        s.sampler.stop()
+        s = self._session(payload, loaded=False)  # a half-uploaded session ends too
+        if s.sampler is not None:
+            s.sampler.stop()
         reply = self._stats_of(s, payload)
         reply[P.K_TARGET_STEP] = list(s.target_s)
         self._drop(s)
