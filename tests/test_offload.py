@@ -235,6 +235,37 @@ def test_replan_when_the_link_changes(cnn, x, server, cleanup):
     assert np.allclose(dev.infer(x), dev.model.run_full(x), rtol=1e-5, atol=1e-6)
 
 
+def test_no_replan_loop_while_the_link_is_as_planned(cnn, x, server, device):
+    """A mixed split on a steady link: calls keep to the plan's wire time,
+    so the link is not measured again and again."""
+    plan = device.make_plan(x)
+    fast_server = offload.Profile([0.0] * (plan.n + 1), [0.0] * (plan.n + 1), [0.0] * plan.n, 1, "server")
+    dev_prof = offload.Profile([p * 0.01 for p in range(plan.n + 1)], [(plan.n - p) * 0.01
+                                                                       for p in range(plan.n + 1)],
+                               [0.01] * plan.n, 1, "device")
+    up = list(plan.up_bytes)
+    up[:5] = [10 ** 9] * 5  # the first cuts "cost" far too much to send: a mixed split wins
+    device.plan = offload.Plan(dev_prof, fast_server, up, plan.down_bytes, plan.link, plan.cut_names)
+    assert device.plan.best.scenario == "mixed"
+    for _ in range(60):
+        device.infer(x)
+    assert len(device.replans) <= 3, device.replans
+
+
+def test_not_an_offload_server(make_server, cnn):
+    srv = make_server()
+    with pytest.raises(ValueError, match="is it edgeml offload serve"):
+        offload.OffloadClient(f"127.0.0.1:{srv.port}", cnn)
+
+
+def test_the_server_bounds_a_profile_request(x, server, make_client):
+    c = make_client(server.port)
+    with pytest.raises(edgeml.errors.RemoteError, match="interval_s must be a number of seconds in 0..1"):
+        c.call(offload.runtime.PROFILE, {"x": x, "runs": 2, "interval_s": 1e6})
+    with pytest.raises(edgeml.errors.RemoteError, match="warmup must be an int in 0..100"):
+        c.call(offload.runtime.PROFILE, {"x": x, "runs": 2, "warmup": -1})
+
+
 # ------------------------------------------------------------------ torch
 
 def test_torch_sequential():
@@ -296,6 +327,10 @@ def test_cli_serve_plan_run(cnn, x, tmp_path):
         r = cli("offload", "plan", "--server", f"127.0.0.1:{port}", "--model", cnn, "--input",
                 str(tmp_path / "nope.npy"))
         assert r.returncode == 2 and "no input file" in r.stderr
+        r = cli("offload", "run", "--server", f"127.0.0.1:{port}", "--model", cnn, "--iterations", "0")
+        assert r.returncode == 2 and "--iterations and --runs must be >= 1" in r.stderr
+        r = cli("offload", "run", "--server", f"127.0.0.1:{port}", "--model", cnn, "--split", "99")
+        assert r.returncode == 2 and "this model has splits 0..19" in r.stderr
     finally:
         srv.terminate()
         srv.wait(timeout=10)

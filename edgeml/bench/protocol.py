@@ -14,9 +14,10 @@ MODEL    ``{"session", "offset", "total", "chunk",      first chunk: ``{"session
 DATA     ``{"session", "inputs": {name: ndarray}}``     ``{}`` (checked against the model, kept)
 PROCESS  ``{"session"}``                                ``{"target_s", "timestamp_ns"}``
 OUTPUT   ``{"session"}``                                ``{"outputs": {name: ndarray}}``
-STATS    ``{"session", "since": i}``                    ``{"samples": {...}, "next": j,
-                                                        "gpu": str, "target_inference_step": [...]}``
-END      ``{"session"}``                                like STATS, then the session is gone
+STATS    ``{"session", "since": i}``                    ``{"samples": {...}, "next": j, "gpu": str,
+                                                        "hz", "inferences", "sampling_error"}``
+END      ``{"session", "since": i}``                    like STATS, plus ``"target_inference_step"``
+                                                        (every PROCESS's time); the session is gone
 ======== ============================================== ==========================================
 
 The seed's PROCESS answers twice (OK when inference starts, OK when it

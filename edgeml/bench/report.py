@@ -560,10 +560,17 @@ class Comparison:
         return "\n".join(out) + "\n"
 
     def table(self) -> str:
-        w = max(12, max(len(n) for n in self.names) + 2)
-        lines = [f"{'':<26}" + "".join(f"{n:>{w}}" for n in self.names)]
-        for label, vals, fmt in self.rows:
-            lines.append(f"{label:<26}" + "".join(f"{'–' if v is None else fmt.format(v):>{w}}" for v in vals))
+        """Every figure of each run, then each run's ratio to the first."""
+        ratios = [f"{n}/{self.names[0]}" for n in self.names[1:]]
+        w = max(12, max(len(n) for n in self.names + ratios) + 2)
+        lines = [f"{'':<26}" + "".join(f"{n:>{w}}" for n in self.names + ratios)]
+        rows = list(self.rows)
+        if all(isinstance(b, int) for b in self.model_bytes):
+            rows.insert(0, ("model bytes", [float(b) for b in self.model_bytes], "{:,.0f}"))
+        for label, vals, fmt in rows:
+            cells = ["–" if v is None else fmt.format(v) for v in vals]
+            cells += ["–" if v is None or not vals[0] else f"{v / vals[0]:.3f}" for v in vals[1:]]
+            lines.append(f"{label:<26}" + "".join(f"{c:>{w}}" for c in cells))
         return "\n".join(lines)
 
     def figure(self) -> "Figure":

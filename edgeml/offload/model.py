@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -117,8 +118,7 @@ def find_cuts(graph) -> List[tuple]:
 
 class OnnxSplitModel(SplitModel):
     """An ONNX model (a path, bytes or a ModelProto) cut at every
-    single-tensor boundary; ``max_layers`` merges neighbours (those with
-    the smallest activations between them first) down to that many.
+    single-tensor boundary (or at those of them named in ``cuts``).
     ``threads`` is onnxruntime's intra-op thread count per layer session (1
     by default: timings that do not depend on what else the machine runs)."""
 
@@ -315,6 +315,11 @@ class TorchSplitModel(SplitModel):
         return [{"index": i, "name": n, "ops": [repr(self.children[i])[:120]]} for i, n in enumerate(self.layer_names)]
 
 
+def _is_torch_module(obj: Any) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(obj, torch.nn.Module)
+
+
 def load(model: Any, **kw) -> SplitModel:
     """A split model from a path (``.onnx``), ONNX bytes or proto, an
     ``nn.Sequential``, a ``SplitModel``, or ``module::object`` naming one of
@@ -324,11 +329,14 @@ def load(model: Any, **kw) -> SplitModel:
     if isinstance(model, str) and "::" in model:
         from ..profile import load_object
         obj = load_object(model, "model")
-        if callable(obj) and not hasattr(obj, "graph") and type(obj).__name__ != "Sequential":
-            obj = obj()
+        if callable(obj) and not hasattr(obj, "graph") and not _is_torch_module(obj):
+            obj = obj()  # a factory function
         return load(obj, **kw)
-    if type(model).__name__ == "Sequential":
+    if _is_torch_module(model):
         return TorchSplitModel(model, **{k: v for k, v in kw.items() if k == "threads"})
+    if not isinstance(model, (str, bytes)) and not hasattr(model, "SerializeToString"):
+        raise TypeError(f"cannot split a {type(model).__name__}: give a .onnx file, ONNX bytes or ModelProto, an "
+                        f"nn.Sequential, or a SplitModel")
     if isinstance(model, str) and not model.endswith(".onnx"):
         raise ValueError(f"cannot tell what {model!r} is: give a .onnx file, an nn.Sequential, or module::object")
     return OnnxSplitModel(model, **kw)

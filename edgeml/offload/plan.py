@@ -66,6 +66,8 @@ class Link:
         self.rtt_s, self.up_bps, self.down_bps = float(rtt_s), float(up_bps), float(down_bps)
         self.up_offset_s, self.down_offset_s = float(up_offset_s), float(down_offset_s)
         self.detail = detail or {}
+        # a small call's transfer time (rtt less the server's queue, handler and reply)
+        self.small_s = float(self.detail.get("small_transfer_s", self.rtt_s))
 
     def up_s(self, nbytes: int) -> float:
         return max(0.0, self.up_offset_s + nbytes / self.up_bps)

@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from .. import _core
+from .. import _core, errors
 from ..inference import InferenceClient, InferenceServer
 from . import link as L
 from .model import SplitModel, load
@@ -116,8 +116,12 @@ class OffloadServer:
         if not isinstance(p, dict) or "x" not in p:
             raise ValueError(f"{PROFILE}: send {{'x': the model's input, 'runs': N}}")
         runs, warmup, interval = p.get("runs", 20), p.get("warmup", 3), p.get("interval_s", 0.0)
-        if isinstance(runs, bool) or not isinstance(runs, int) or not 1 <= runs <= 10000:
-            raise ValueError(f"{PROFILE}: runs must be an int in 1..10000, got {runs!r}")
+        if isinstance(runs, bool) or not isinstance(runs, int) or not 1 <= runs <= 1000:
+            raise ValueError(f"{PROFILE}: runs must be an int in 1..1000, got {runs!r}")
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or not 0 <= warmup <= 100:
+            raise ValueError(f"{PROFILE}: warmup must be an int in 0..100, got {warmup!r}")
+        if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not 0 <= interval <= 1.0:
+            raise ValueError(f"{PROFILE}: interval_s must be a number of seconds in 0..1, got {interval!r}")
         why = self.model.check_cut(0, p["x"])
         if why:
             raise ValueError(f"{PROFILE}: {why}")
@@ -176,7 +180,15 @@ class OffloadClient:
         self.timeout = timeout
         self._log = log
         self.client = InferenceClient(self.host, self.port, timeout=timeout, token=token)
-        info = self.client.call(INFO, None)
+        try:
+            info = self.client.call(INFO, None)
+        except errors.UnknownInterfaceError:
+            self.client.close()
+            raise ValueError(f"{self.host}:{self.port} serves edgeml but not split inference: is it "
+                             f"edgeml offload serve?") from None
+        except BaseException:
+            self.client.close()
+            raise
         if info["sha256"] != self.model.sha256:
             self.client.close()
             raise ValueError(f"the server at {self.host}:{self.port} holds another model (sha256 "
@@ -190,6 +202,7 @@ class OffloadClient:
         self.replans: List[dict] = []  # every re-plan: when, why, the old and new split, the link
         self._last_probe = 0.0
         self._wire: List[float] = []  # measured / predicted time on the wire of the last calls
+        self._backoff, self._quiet = 5, 0  # calls to skip watching after a re-measure that changed nothing
         self._lock = threading.Lock()
         self.last: Dict[str, Any] = {}
 
@@ -205,6 +218,8 @@ class OffloadClient:
 
     def make_plan(self, x: Any) -> Plan:
         """Profile both sides on ``x``, measure the link, plan."""
+        if isinstance(self.runs, bool) or not isinstance(self.runs, int) or self.runs < 1:
+            raise ValueError(f"runs must be an int >= 1, got {self.runs!r}")
         why = self.model.check_cut(0, x)
         if why:
             raise ValueError(f"the input does not fit the model: {why}")
@@ -268,12 +283,12 @@ class OffloadClient:
             return act
         reply, t = self.client.call_timed(RUN, {"p": p, "x": act})
         t2 = time.perf_counter()
-        wire = (t.rtt_ms - t.handler_ms) / 1e3
+        wire = L._transfer_s(t)  # upload + download, as the link's probes measure it
         self.last = {"p": p, "device_s": t1 - t0, "call_s": t2 - t1, "handler_s": t.handler_ms / 1e3,
                      "wire_s": wire, "total_s": t2 - t0, "up_bytes": t.bytes_up, "down_bytes": t.bytes_down}
         if self.plan is not None and split is None and self.watch:
             c = self.plan.candidates[p]
-            predicted = c.up_s + c.down_s + c.rtt_s
+            predicted = c.up_s + c.down_s + self.plan.link.small_s
             self._wire.append(wire / predicted if predicted > 0 else 1.0)
             del self._wire[:-5]
         return reply["y"]
@@ -283,9 +298,18 @@ class OffloadClient:
             self.replan("periodic")
             return
         if self.watch and len(self._wire) >= 5:
+            if self._quiet > 0:  # a re-measure found the link as planned: look again later
+                self._quiet -= 1
+                return
             r = float(np.median(self._wire))
-            if not (1 / (1 + self.tolerance)) <= r <= 1 + self.tolerance:
+            slack = 0.5e-3 / max(1e-9, self.plan.candidates[self.plan.split].up_s + self.plan.link.small_s)
+            if not (1 / (1 + self.tolerance + slack)) <= r <= 1 + self.tolerance + slack:
                 self.replan(f"calls took {r:.2f}x the plan's time on the wire")
+                if not self.replans[-1]["changed"]:
+                    self._backoff = min(1000, self._backoff * 2)
+                    self._quiet = self._backoff
+                else:
+                    self._backoff = 5
 
     def close(self) -> None:
         self.client.close()
@@ -305,6 +329,8 @@ def run_splits(client: OffloadClient, x: Any, iterations: int = 10, interval_s: 
     The splits take turns: each round runs every split once, in a new
     random order, so that a slow spell of the machine or the link is
     spread over all of them instead of landing on the few measured then."""
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(f"iterations must be an int >= 1, got {iterations!r}")
     if client.plan is None:
         client.make_plan(x)
     plan = client.plan
