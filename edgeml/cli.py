@@ -358,10 +358,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     if argv[:2] == ["bench", "compare"]:  # a subcommand of bench, beside bench's own options
         argv = ["bench-compare"] + argv[2:]
     args = build_parser().parse_args(argv)
+    name = {"bench-compare": "bench compare"}.get(args.command, args.command)
     try:
         return args.fn(args)
+    except BrokenPipeError:  # the output went to `head` or a closed pipe: nothing to say, and no traceback
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
     except (ValueError, TypeError, RuntimeError, OSError, errors.EdgeMLError) as e:
-        print(f"edgeml {args.command}: error: {e}", file=sys.stderr)
+        print(f"edgeml {name}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
