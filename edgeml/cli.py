@@ -248,7 +248,7 @@ def _offload_run(a: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgeml", description="edgeml command-line tools")
     p.add_argument("--version", action="version", version=f"edgeml {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="{profile,serve,bench,offload}")
     prof = sub.add_parser("profile", help="time every stage between a sensor and a prediction",
                           description="Serve a model, or profile calls to one (see docs/profile.md).")
     psub = prof.add_subparsers(dest="side", required=True)
@@ -310,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(fn=_bench)
 
-    bc = sub.add_parser("bench-compare", prog="edgeml bench compare", help="runs of edgeml bench side by side",
+    bc = sub.add_parser("bench-compare", prog="edgeml bench compare",
                         description="Put edgeml bench runs side by side, each figure with its ratio to the "
                         "first run.")
     bc.add_argument("runs", nargs="+", help="measurements.json files, or the folders holding them")
