@@ -189,12 +189,11 @@ class InferenceClient(ClientBase):
 
     def call(self, name: str, payload: Any = None, timeout: Optional[float] = None) -> Any:
         """Call interface ``name`` with ``payload``; returns the handler's reply."""
-        if type(name) is not str and not isinstance(name, str):
-            raise TypeError(f"interface name must be a str, got {type(name).__name__}")
-        core = self._core  # the hot path: _request inlined
+        # the hot path: _request inlined; core.call checks that name is a str
+        core = self._core
         if core is None:
             raise errors.ClosedError(f"client for {self.host}:{self.port} is closed")
-        ok, value = core.call(name, payload, self._timeout(timeout) if timeout is not None else self._timeout_s)
+        ok, value = core.call(name, payload, self._timeout_s if timeout is None else self._timeout(timeout))
         if ok:
             return value
         raise errors.from_error_reply(value)

@@ -17,12 +17,23 @@
 #define EM__MAX(a, b) ((a) > (b) ? (a) : (b))
 #define EM__DEFAULT_MAX_MESSAGE ((uint64_t)EM_DEFAULT_MAX_MESSAGE_BYTES)
 
-static inline void em__put_u16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)v; p[1] = (uint8_t)(v >> 8); }
-static inline void em__put_u32(uint8_t *p, uint32_t v) { for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (8 * i)); }
-static inline void em__put_u64(uint8_t *p, uint64_t v) { for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i)); }
-static inline uint16_t em__get_u16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
-static inline uint32_t em__get_u32(const uint8_t *p) { uint32_t v = 0; for (int i = 3; i >= 0; i--) v = (v << 8) | p[i]; return v; }
-static inline uint64_t em__get_u64(const uint8_t *p) { uint64_t v = 0; for (int i = 7; i >= 0; i--) v = (v << 8) | p[i]; return v; }
+/* Little-endian loads and stores at any alignment: one memcpy (a single
+ * move) on little-endian hosts, a byte swap on big-endian ones. */
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+#define EM__LE16(x) __builtin_bswap16(x)
+#define EM__LE32(x) __builtin_bswap32(x)
+#define EM__LE64(x) __builtin_bswap64(x)
+#else
+#define EM__LE16(x) (x)
+#define EM__LE32(x) (x)
+#define EM__LE64(x) (x)
+#endif
+static inline void em__put_u16(uint8_t *p, uint16_t v) { v = EM__LE16(v); memcpy(p, &v, 2); }
+static inline void em__put_u32(uint8_t *p, uint32_t v) { v = EM__LE32(v); memcpy(p, &v, 4); }
+static inline void em__put_u64(uint8_t *p, uint64_t v) { v = EM__LE64(v); memcpy(p, &v, 8); }
+static inline uint16_t em__get_u16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return EM__LE16(v); }
+static inline uint32_t em__get_u32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return EM__LE32(v); }
+static inline uint64_t em__get_u64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return EM__LE64(v); }
 
 /* ---- pooled buffers (pool.c)
  * Memory for received frames. Fresh pages cost ~10 us per 4 KiB here, so
