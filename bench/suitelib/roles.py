@@ -2,7 +2,7 @@
 
     python bench/suitelib/roles.py ROLE '{"json": "arguments"}'
 
-Roles (STACK is zmq-pickle, zmq-msgpack, zmq-lz4pickle or edgeml):
+Roles (STACK is zmq-pickle, zmq-msgpack, zmq-lz4pickle, edgeml, or py-socket for rtt):
 
   echo_server    STACK zc         REP / InferenceServer("echo"): decode each
                                   request, return it, encode the reply
@@ -95,7 +95,49 @@ def zmq_parts(stack):
 
 # ------------------------------------------------------------------ echo (round trips)
 
+def _recv_msg(recv_into, buf, view):
+    """One message (8-byte little-endian length + that many bytes) into
+    buf from its start; -> its total length, 0 when the peer closed. A
+    small message takes one recv_into and a length check: as little Python
+    per message as a correct loop can have."""
+    got = recv_into(view)
+    if not got:
+        return 0
+    while got < 8 or got < (want := 8 + int.from_bytes(buf[:8], "little")):
+        if got >= 8 and want > len(buf):
+            raise RuntimeError("py-socket: message larger than the buffer")
+        n = recv_into(view[got:])
+        if not n:
+            return 0
+        got += n
+    return got
+
+
+def _py_socket_echo_server():
+    """The C floor's server in plain Python (a blocking socket, 8-byte
+    little-endian length + payload, echoed back from one buffer): what any
+    Python-to-Python stack pays at least, with no framing or codec."""
+    import socket
+    ls = socket.socket()
+    ls.bind((HOST, 0))
+    ls.listen(1)
+    watch_stdin()
+    ready({"port": ls.getsockname()[1]})
+    conn, _ = ls.accept()
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    buf = bytearray(8 + 40 * 2**20)
+    view = memoryview(buf)
+    recv_into, sendall = conn.recv_into, conn.sendall
+    while True:
+        n = _recv_msg(recv_into, buf, view)
+        if not n:
+            return
+        sendall(view[:n])
+
+
 def echo_server(stack, zc=False):
+    if stack == "py-socket":
+        return _py_socket_echo_server()
     if stack == "edgeml":
         import edgeml
         server = edgeml.InferenceServer(0, host=HOST)
@@ -122,6 +164,25 @@ def echo_server(stack, zc=False):
 
 def _caller(stack, port, zc):
     """(call(payload) -> reply, close) for one client connection."""
+    if stack == "py-socket":  # the payload's raw bytes, framed as the C floor frames them
+        import socket
+        sock = socket.create_connection((HOST, port))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        msgs, buf = {}, bytearray(8 + 40 * 2**20)
+        view = memoryview(buf)
+        recv_into, sendall = sock.recv_into, sock.sendall
+
+        def call(p):
+            m = msgs.get(id(p))  # the suite sends one payload object again and again
+            if m is None or m[0] is not p:
+                n = payloads.raw_bytes(p)
+                m = msgs[id(p)] = (p, n.to_bytes(8, "little") + bytes(n), 8 + n)
+            sendall(m[1])
+            if _recv_msg(recv_into, buf, view) != m[2]:
+                raise RuntimeError("py-socket: the echo differs from what was sent")
+            return p
+
+        return call, sock.close
     if stack == "edgeml":
         import edgeml
         client = edgeml.InferenceClient(HOST, port)
