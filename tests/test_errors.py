@@ -313,3 +313,33 @@ def test_core_errors_carry_code_and_name(make_server):
         edgeml.InferenceClient("127.0.0.1", port, connect_timeout=0)
     assert ei.value.name == "ECONNREFUSED" and ei.value.code == -4
     assert edgeml.EdgeMLError("x").code is None and edgeml.EdgeMLError("x").name is None
+
+
+def test_call_arguments_are_checked_and_the_connection_keeps_serving(make_server, make_client):
+    """core.call parses its arguments by hand (the hot path): wrong types
+    and counts raise TypeError, nothing is sent, and the client goes on."""
+    s = make_server({"echo": lambda p: p})
+    c = make_client(s.port)
+    for bad in (123, b"echo", None):
+        with pytest.raises(TypeError, match="interface name must be a str, got"):
+            c.call(bad, 1)
+    with pytest.raises(TypeError):
+        c.call("echo", 1, timeout="soon")
+    core = c._core
+    with pytest.raises(TypeError, match="from 3 to 5 positional arguments"):
+        core.call("echo", 1)
+    with pytest.raises(TypeError, match="from 3 to 5 positional arguments"):
+        core.call("echo", 1, 1.0, _core.MSG_REQUEST, False, "extra")
+    with pytest.raises(TypeError):
+        core.call("echo", 1, 1.0, 1.5)  # type must be an int
+    with pytest.raises(OverflowError):
+        core.call("echo", 1, 1.0, 2**40)
+    with pytest.raises(UnicodeEncodeError):
+        c.call("\ud800", 1)  # a lone surrogate has no UTF-8 form
+    assert core.call("echo", {"x": 1}, 5) == (True, {"x": 1})  # an int timeout is a number of seconds
+    ok, value, timing = core.call("echo", [1, 2], 5.0, _core.MSG_REQUEST, 1)
+    assert ok is True and value == [1, 2] and len(timing) > 0
+    assert c.call("echo", {"x": np.arange(3)})["x"].tolist() == [0, 1, 2]
+    c.close()
+    with pytest.raises(edgeml.ClosedError):
+        c.call("echo", 1)
