@@ -210,13 +210,11 @@ fail:
   return NULL;
 }
 
-/* call(method, payload, timeout[, type[, timed]]) -> (ok, value) or, with
- * timed, (ok, value, timing) (see em__timing_tuple). ok=True: value is the
- * reply payload; ok=False: value is the error map. */
-/* call(method: str, payload, timeout: float[, type: int[, timed: bool]]),
- * positional only: the arguments as PyArg_ParseTuple("s#Od|ip") took them
- * (the same types accepted, the same TypeErrors), parsed by hand because
- * this is the hot path of every call. */
+/* call(method: str, payload, timeout: float[, type: int[, timed: bool]])
+ * -> (ok, value) or, with timed, (ok, value, timing) (see
+ * em__timing_tuple). ok=True: value is the reply payload; ok=False: value
+ * is the error map. Positional only; the arguments are parsed by hand (the
+ * hot path of every call), accepting what PyArg_ParseTuple("s#Od|ip") did. */
 static PyObject *em__client_call(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
   em__pyclient *c = (em__pyclient *)self;
   const char *method;
